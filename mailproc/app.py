@@ -1,0 +1,74 @@
+"""The running service: database, durable intake, SMTP/LMTP listener and worker in one event
+loop, with a graceful stop on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from mailproc import db
+from mailproc.config import Settings
+from mailproc.intake import GroupCommitter
+from mailproc.services import MessageService
+from mailproc.smtp import Connections, protocol_factory
+from mailproc.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.database = db.Database(settings.database.url)
+        self.messages = MessageService(
+            self.database,
+            lease_seconds=settings.worker.lease_seconds,
+            max_attempts=settings.worker.max_attempts,
+        )
+        self.worker = Worker(self.messages, settings.worker.poll_interval_seconds)
+        self.intake = GroupCommitter(self.messages.store_batch, on_commit=self.worker.wake)
+        self.connections = Connections(limit=settings.smtp.max_sessions)
+        self.server: asyncio.Server | None = None
+        self.smtp_port: int | None = None
+
+    async def start(self) -> None:
+        if self.settings.database.migrate_on_start:
+            await asyncio.to_thread(db.upgrade, self.database)
+        self.intake.start()
+        self.worker.start()
+        listen = self.settings.smtp.listen
+        self.server = await asyncio.get_running_loop().create_server(
+            protocol_factory(self.settings.smtp, self.intake, self.connections),
+            host=listen.host,
+            port=listen.port,
+        )
+        self.smtp_port = self.server.sockets[0].getsockname()[1]
+        log.info(
+            "mailproc %s listening on %s:%d (database %s)",
+            self.settings.smtp.protocol.upper(),
+            listen.host,
+            self.smtp_port,
+            self.database.engine.url.render_as_string(hide_password=True),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, let open transactions finish, commit what is pending, finish the
+        message in hand."""
+        log.info("stopping: no new connections; finishing open sessions")
+        if self.server is not None:
+            self.server.close()
+        await self.connections.drain(self.settings.smtp.shutdown_grace_seconds)
+        await self.intake.close()
+        await self.worker.stop()
+        self.database.dispose()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()

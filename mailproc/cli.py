@@ -1,0 +1,252 @@
+"""The ``mailproc`` command line for operators, on the same services as everything else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy.exc import SQLAlchemyError
+
+from mailproc import __version__, db
+from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from mailproc.models import Message, MessageState
+from mailproc.services import InvalidState, MessageService, NotFound
+
+EX_CONFIG = 78
+T = TypeVar("T")
+
+
+class ConfigProblem(click.ClickException):
+    exit_code = EX_CONFIG
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the errors a person can act on into one line, never a traceback."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigProblem(str(exc)) from None
+    except (NotFound, InvalidState) as exc:
+        raise click.ClickException(str(exc)) from None
+    except SQLAlchemyError as exc:
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise click.ClickException(f"database error: {detail}") from None
+
+
+class Context:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            with _user_errors():
+                self._settings = load_settings(self.config_path)
+        return self._settings
+
+    def database(self) -> db.Database:
+        return db.Database(self.settings.database.url)
+
+    def messages(self) -> MessageService:
+        worker = self.settings.worker
+        return MessageService(self.database(), worker.lease_seconds, worker.max_attempts)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    envvar=CONFIG_ENV,
+    type=click.Path(dir_okay=False),
+    help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults).",
+)
+@click.version_option(__version__, prog_name="mailproc")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None) -> None:
+    """Support mail in, verified reset requests out."""
+    ctx.obj = Context(config_path)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiosmtpd logs every command at INFO; that is debugging detail for us.
+    logging.getLogger("mail.log").setLevel(
+        max(logging.WARNING, logging.getLevelName(level.upper()))
+    )
+
+
+@main.command()
+@pass_context
+def serve(ctx: Context) -> None:
+    """Run the SMTP/LMTP listener and the worker until SIGTERM."""
+    from mailproc.app import App
+
+    settings = ctx.settings
+    _setup_logging(settings.logging.level)
+    with _user_errors():
+        app = App(settings)
+        try:
+            asyncio.run(app.run_until_signalled())
+        except OSError as exc:
+            raise click.ClickException(
+                f"cannot listen on {settings.smtp.listen}: {exc.strerror or exc}"
+            ) from None
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("check")
+@pass_context
+def config_check(ctx: Context) -> None:
+    """Validate the configuration and exit (0 if valid)."""
+    click.echo(f"configuration OK ({ctx.settings.source})")
+
+
+@main.group("db")
+def db_group() -> None:
+    """Database schema."""
+
+
+@db_group.command("upgrade")
+@pass_context
+def db_upgrade(ctx: Context) -> None:
+    """Apply all pending migrations."""
+    with _user_errors():
+        database = ctx.database()
+        db.upgrade(database)
+        click.echo(f"database at revision {db.current_revision(database)}")
+
+
+@db_group.command("current")
+@pass_context
+def db_current(ctx: Context) -> None:
+    """Show the applied and the latest migration."""
+    with _user_errors():
+        current = db.current_revision(ctx.database())
+    head = db.head_revision()
+    state = "up to date" if current == head else "needs `mailproc db upgrade`"
+    click.echo(f"current {current or 'none'}, latest {head} ({state})")
+
+
+@main.group("messages")
+def messages_group() -> None:
+    """Stored messages."""
+
+
+def message_dict(message: Message, *, full: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": message.id,
+        "state": message.state.value,
+        "received_at": message.received_at.isoformat(),
+        "mail_from": message.mail_from,
+        "rcpt_tos": message.rcpt_tos,
+        "client_ip": message.client_ip,
+        "size": message.size,
+        "intake_flags": message.intake_flags,
+        "subject": (message.parsed or {}).get("subject"),
+        "error": message.error,
+    }
+    if full:
+        data.update(
+            protocol=message.protocol,
+            peer_ip=message.peer_ip,
+            peer_port=message.peer_port,
+            helo=message.helo,
+            client_name=message.client_name,
+            client_helo=message.client_helo,
+            client_protocol=message.client_protocol,
+            xforward=message.xforward,
+            tls=message.tls,
+            sha256=message.sha256,
+            attempts=message.attempts,
+            processed_at=message.processed_at.isoformat() if message.processed_at else None,
+            parsed=message.parsed,
+        )
+    return data
+
+
+def _run(call: Callable[[], T]) -> T:
+    with _user_errors():
+        return call()
+
+
+@messages_group.command("list")
+@click.option("--state", type=click.Choice([s.value for s in MessageState]), default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def messages_list(ctx: Context, state: str | None, limit: int, as_json: bool) -> None:
+    """List stored messages, newest first."""
+    service = ctx.messages()
+    rows = _run(lambda: service.list(MessageState(state) if state else None, limit))
+    if as_json:
+        click.echo(json.dumps([message_dict(m) for m in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no messages")
+        return
+    click.echo(f"{'ID':>8}  {'STATE':<10}  {'RECEIVED':<20}  {'FROM':<32}  SUBJECT")
+    for m in rows:
+        subject = (m.parsed or {}).get("subject") or ""
+        click.echo(
+            f"{m.id:>8}  {m.state.value:<10}  {m.received_at:%Y-%m-%d %H:%M:%S}  "
+            f"{(m.mail_from or '<>')[:32]:<32}  {subject[:60]}"
+        )
+
+
+@messages_group.command("show")
+@click.argument("message_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--raw", is_flag=True, help="Write the message's exact bytes to stdout.")
+@pass_context
+def messages_show(ctx: Context, message_id: int, as_json: bool, raw: bool) -> None:
+    """Show one stored message with its envelope and parse results."""
+    service = ctx.messages()
+    message = _run(lambda: service.get(message_id))
+    if raw:
+        sys.stdout.buffer.write(message.raw)
+        return
+    data = message_dict(message, full=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        if key == "parsed":
+            continue
+        click.echo(f"{key + ':':<18}{'' if value is None else value}")
+    parsed = message.parsed or {}
+    click.echo(f"{'defects:':<18}{', '.join(parsed.get('defects') or []) or 'none'}")
+    if parsed.get("text_body"):
+        click.echo("\n" + parsed["text_body"])
+
+
+@messages_group.command("retry")
+@click.argument("message_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def messages_retry(ctx: Context, message_id: int, as_json: bool) -> None:
+    """Queue a failed message to be processed again."""
+    service = ctx.messages()
+    message = _run(lambda: service.retry(message_id))
+    if as_json:
+        click.echo(json.dumps(message_dict(message)))
+    else:
+        click.echo(f"message {message.id} is {message.state.value} again and will be processed")

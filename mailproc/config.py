@@ -1,0 +1,324 @@
+"""Settings: one TOML file plus ``MAILPROC_<SECTION>_<KEY>`` environment variables, validated
+into typed, frozen dataclasses. Every error names its source (file or variable), the key and
+what is wrong, in one line."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailproc.addresses import AddressError, normalize_address
+
+ENV_PREFIX = "MAILPROC_"
+CONFIG_ENV = "MAILPROC_CONFIG"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """Invalid configuration; the message is one line naming source, key and problem."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+# Each key's parser takes the raw TOML value and returns the typed value or raises ValueError.
+# ``kind`` tells how to read the same key from an environment variable's text.
+@dataclass(frozen=True)
+class _Key:
+    parse: Callable[[Any], Any]
+    kind: Literal["str", "int", "float", "bool", "list"]
+
+
+def _key(default: Any, parse: Callable[[Any], Any], kind: str) -> Any:
+    return field(default=default, metadata={"key": _Key(parse, kind)})  # type: ignore[arg-type]
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "float", str: "string", list: "array"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_type_name(value)}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_type_name(value)}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_type_name(value)}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _positive_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {_type_name(value)}")
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return float(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _str(value)
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, got {text!r}")
+        return text
+
+    return parse
+
+
+def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    def parse(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"expected an array, got {_type_name(value)}")
+        parsed = []
+        for index, element in enumerate(value):
+            try:
+                parsed.append(item(element))
+            except ValueError as exc:
+                raise ValueError(f"item {index + 1}: {exc}") from None
+        return tuple(parsed)
+
+    return parse
+
+
+def _listen(value: Any) -> ListenAddress:
+    text = _str(value)
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {text!r}')
+    return ListenAddress(host, int(port_text))
+
+
+def _address(value: Any) -> str:
+    try:
+        return normalize_address(_str(value))
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _network(value: Any) -> IPNetwork:
+    text = _str(value)
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address or CIDR such as 10.0.0.0/8, got {text!r}"
+        ) from None
+
+
+def _database_url(value: Any) -> str:
+    text = _str(value)
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {text!r}") from None
+    if url.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ValueError(
+            f"unsupported database {url.get_backend_name()!r}: use sqlite or postgresql"
+        )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ValueError("an in-memory SQLite database would lose every message; give a file path")
+    if url.get_backend_name() == "postgresql" and url.get_driver_name() not in ("psycopg",):
+        raise ValueError('use the psycopg driver: "postgresql+psycopg://user@host/dbname"')
+    return text
+
+
+def _existing_file_or_empty(value: Any) -> str:
+    text = _str(value)
+    if text and not Path(text).is_file():
+        raise ValueError(f"file not found: {text!r}")
+    return text
+
+
+def _log_level(value: Any) -> str:
+    return _one_of("debug", "info", "warning", "error")(value)
+
+
+DEFAULT_LISTEN = ListenAddress("127.0.0.1", 2525)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: ListenAddress = _key(DEFAULT_LISTEN, _listen, "str")
+    protocol: str = _key("smtp", _one_of("smtp", "lmtp"), "str")
+    hostname: str = _key("", _str, "str")
+    support_addresses: tuple[str, ...] = _key(("support@example.com",), _list_of(_address), "list")
+    max_message_bytes: int = _key(10 * 1024 * 1024, _positive_int, "int")
+    max_recipients: int = _key(50, _positive_int, "int")
+    trusted_proxies: tuple[IPNetwork, ...] = _key((), _list_of(_network), "list")
+    max_sessions: int = _key(100, _positive_int, "int")
+    command_timeout_seconds: float = _key(300.0, _positive_float, "float")
+    session_timeout_seconds: float = _key(1800.0, _positive_float, "float")
+    tls_cert_file: str = _key("", _existing_file_or_empty, "str")
+    tls_key_file: str = _key("", _existing_file_or_empty, "str")
+    require_starttls: bool = _key(False, _bool, "bool")
+    shutdown_grace_seconds: float = _key(30.0, _positive_float, "float")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = _key("sqlite:///mailproc.db", _database_url, "str")
+    migrate_on_start: bool = _key(True, _bool, "bool")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    poll_interval_seconds: float = _key(5.0, _positive_float, "float")
+    lease_seconds: float = _key(300.0, _positive_float, "float")
+    max_attempts: int = _key(5, _positive_int, "int")
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = _key("info", _log_level, "str")
+
+
+@dataclass(frozen=True)
+class Settings:
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    source: str = "built-in defaults"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in fields(Settings)
+    if f.name != "source"
+}
+
+
+def _env_value(text: str, kind: str) -> Any:
+    """Read an environment variable's text as the TOML value its key expects."""
+    if kind == "str":
+        return text
+    if kind == "list" and not text.lstrip().startswith("["):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _build(
+    section: str, cls: type[Any], raw: Mapping[str, Any], source: str, env: Mapping[str, str]
+) -> Any:
+    keys = {f.name: f.metadata["key"] for f in fields(cls)}
+    for name in raw:
+        if name not in keys:
+            known = ", ".join(keys)
+            raise ConfigError(f"{source}: [{section}] {name}: unknown key (known keys: {known})")
+    values: dict[str, Any] = {}
+    for name, spec in keys.items():
+        env_name = f"{ENV_PREFIX}{section}_{name}".upper()
+        if env_name in env:
+            where, value = f"environment {env_name}", _env_value(env[env_name], spec.kind)
+        elif name in raw:
+            where, value = f"{source}: [{section}] {name}", raw[name]
+        else:
+            continue
+        try:
+            values[name] = spec.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return cls(**values)
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    for name in env:
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        for section, cls in _SECTIONS.items():
+            if rest.startswith(section + "_"):
+                key = rest[len(section) + 1 :]
+                if key not in {f.name for f in fields(cls)}:
+                    raise ConfigError(f"environment {name}: unknown key [{section}] {key}")
+
+
+def _cross_checks(settings: Settings) -> None:
+    smtp = settings.smtp
+    if bool(smtp.tls_cert_file) != bool(smtp.tls_key_file):
+        raise ConfigError(
+            f"{settings.source}: [smtp] tls_key_file: tls_cert_file and tls_key_file "
+            "must be set together"
+        )
+    if smtp.require_starttls and not smtp.tls_cert_file:
+        raise ConfigError(
+            f"{settings.source}: [smtp] require_starttls: needs tls_cert_file and tls_key_file"
+        )
+    if not smtp.support_addresses:
+        raise ConfigError(f"{settings.source}: [smtp] support_addresses: must not be empty")
+
+
+def parse_settings(
+    data: Mapping[str, Any], source: str, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate already-parsed TOML data (and the environment) into Settings."""
+    env = dict(os.environ) if env is None else env
+    for section, value in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"{source}: [{section}]: unknown section (known: {', '.join(_SECTIONS)})"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {section}: expected a [{section}] table")
+    _check_env_names(env)
+    built = {
+        section: _build(section, cls, data.get(section, {}), source, env)
+        for section, cls in _SECTIONS.items()
+    }
+    settings = Settings(**built, source=source)
+    _cross_checks(settings)
+    return settings
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from ``path`` (or ``$MAILPROC_CONFIG``), or the built-in defaults if neither."""
+    env = dict(os.environ) if env is None else env
+    if path is None:
+        path = env.get(CONFIG_ENV) or None
+    if path is None:
+        return parse_settings({}, "built-in defaults", env)
+    source = str(path)
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    return parse_settings(data, source, env)

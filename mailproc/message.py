@@ -1,0 +1,195 @@
+"""Strict parsing of a message's raw bytes into the fields later stages need, with every defect
+recorded by name. Nothing here repairs the message: a defect is data, not an exception."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from email import policy
+from email.errors import HeaderParseError, MessageError
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+from email.parser import BytesParser
+from typing import Any
+
+# Headers RFC 5322 section 3.6 allows once; a second copy is an ambiguity an attacker can use.
+SINGLE_USE = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "content-type",
+    "content-transfer-encoding",
+    "mime-version",
+)
+TEXT_BODY_LIMIT = 20_000
+
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+_NAME_THEN_SPACE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass
+class Header:
+    name: str
+    value: str
+
+
+@dataclass
+class ParsedMessage:
+    headers: list[Header] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    from_header: str | None = None
+    from_addresses: list[str] = field(default_factory=list)
+    from_display_name: str | None = None
+    subject: str | None = None
+    message_id: str | None = None
+    date: str | None = None
+    to: str | None = None
+    content_type: str | None = None
+    text_body: str | None = None
+    body_bytes: int = 0
+
+    def header(self, name: str) -> list[str]:
+        lowered = name.lower()
+        return [h.value for h in self.headers if h.name.lower() == lowered]
+
+    def summary(self) -> dict[str, Any]:
+        """What is stored with the message: the fields, not the whole header list again."""
+        data = asdict(self)
+        data["header_count"] = len(self.headers)
+        del data["headers"]
+        return data
+
+
+def _split_head(raw: bytes, defects: list[str]) -> tuple[bytes, bytes]:
+    index = raw.find(b"\r\n\r\n")
+    if index >= 0:
+        return raw[: index + 2], raw[index + 4 :]
+    if raw.startswith(b"\r\n"):
+        defects.append("no_headers")
+        return b"", raw[2:]
+    defects.append("no_header_body_separator")
+    return raw, b""
+
+
+def _decode(value: bytes, name: str, defects: list[str]) -> str:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        defects.append(f"invalid_utf8_in_header:{name}")
+        text = value.decode("utf-8", errors="replace")
+    if _CONTROL.search(text.replace("\r\n", "")):
+        defects.append(f"control_character_in_header:{name}")
+    return text
+
+
+def _header_fields(head: bytes, defects: list[str]) -> list[Header]:
+    headers: list[Header] = []
+    current: tuple[bytes, list[bytes]] | None = None
+
+    def finish() -> None:
+        if current is not None:
+            name = current[0].decode("ascii")
+            value = _decode(b"\r\n".join(current[1]), name, defects)
+            headers.append(Header(name, value.strip(" \t")))
+
+    for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            if current is None:
+                defects.append("continuation_before_first_header")
+            else:
+                current[1].append(line)
+            continue
+        finish()
+        current = None
+        name, colon, value = line.partition(b":")
+        if colon and _FIELD_NAME.fullmatch(name):
+            current = (name, [value])
+        elif match := _NAME_THEN_SPACE.match(line):
+            defects.append(f"whitespace_before_colon:{match.group(1).decode('ascii')}")
+        else:
+            defects.append("malformed_header_line")
+    finish()
+    return headers
+
+
+def _decoded_text(value: str, name: str, defects: list[str]) -> str:
+    try:
+        return str(make_header(decode_header(value)))
+    except (HeaderParseError, UnicodeError, LookupError, ValueError):
+        defects.append(f"undecodable_encoded_words:{name}")
+        return value
+
+
+def _from_fields(parsed: ParsedMessage) -> None:
+    values = parsed.header("From")
+    if len(values) != 1:
+        parsed.defects.append("no_from_header" if not values else "multiple_from_headers")
+        return
+    parsed.from_header = values[0]
+    try:
+        header = policy.default.header_factory("From", values[0])
+    except (HeaderParseError, IndexError, ValueError, TypeError):
+        parsed.defects.append("unparseable_from")
+        return
+    groups = getattr(header, "groups", ())
+    if any(group.display_name is not None for group in groups):
+        parsed.defects.append("from_group_syntax")
+    addresses = list(getattr(header, "addresses", ()))
+    for defect in getattr(header, "defects", ()):
+        parsed.defects.append(f"from_{type(defect).__name__}")
+    parsed.from_addresses = [a.addr_spec for a in addresses]
+    if len(addresses) != 1:
+        parsed.defects.append(f"from_mailbox_count:{len(addresses)}")
+    else:
+        parsed.from_display_name = addresses[0].display_name or None
+
+
+def _text_body(raw: bytes, parsed: ParsedMessage) -> None:
+    try:
+        message = BytesParser(policy=policy.default).parsebytes(raw)
+        assert isinstance(message, EmailMessage)
+        for defect in message.defects:
+            parsed.defects.append(f"mime_{type(defect).__name__}")
+        part = message.get_body(preferencelist=("plain",))
+        if part is not None:
+            content = part.get_content()
+            if isinstance(content, str):
+                parsed.text_body = content[:TEXT_BODY_LIMIT]
+    except (MessageError, LookupError, UnicodeError, ValueError, AttributeError, TypeError):
+        parsed.defects.append("undecodable_body")
+
+
+def parse_message(raw: bytes) -> ParsedMessage:
+    defects: list[str] = []
+    head, body = _split_head(raw, defects)
+    parsed = ParsedMessage(defects=defects, body_bytes=len(body))
+    parsed.headers = _header_fields(head, defects)
+
+    counts: dict[str, int] = {}
+    for header in parsed.headers:
+        counts[header.name.lower()] = counts.get(header.name.lower(), 0) + 1
+    for name in SINGLE_USE:
+        if counts.get(name, 0) > 1 and name != "from":
+            defects.append(f"duplicate_header:{name}")
+
+    _from_fields(parsed)
+    subjects = parsed.header("Subject")
+    if subjects:
+        parsed.subject = _decoded_text(subjects[0], "subject", defects)
+    for attr, name in (("message_id", "Message-ID"), ("date", "Date"), ("to", "To")):
+        values = parsed.header(name)
+        if values:
+            setattr(parsed, attr, values[0])
+    content_types = parsed.header("Content-Type")
+    if content_types:
+        parsed.content_type = content_types[0]
+    _text_body(raw, parsed)
+    return parsed

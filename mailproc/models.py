@@ -1,0 +1,127 @@
+"""The database schema as typed SQLAlchemy models; Alembic migrations in ``migrations/`` own
+every change to it."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONData = JSON().with_variant(JSONB(), "postgresql")
+# SQLite only makes INTEGER PRIMARY KEY an alias of its rowid (auto-increment).
+BigID = BigInteger().with_variant(Integer(), "sqlite")
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSONData,
+    }
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class MessageState(enum.StrEnum):
+    """Where a stored message is in its life. ``received`` is the durable promise behind our
+    ``250``; a message leaves it only by being processed or by failing with a recorded error."""
+
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    FAILED = "failed"
+
+
+class Message(Base):
+    """One message as it arrived: the exact bytes, the SMTP envelope and where it came from."""
+
+    __tablename__ = "message"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    state: Mapped[MessageState] = mapped_column(
+        Enum(
+            MessageState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+            validate_strings=True,
+            create_constraint=True,
+            name="message_state",
+        )
+    )
+    received_at: Mapped[datetime]
+    protocol: Mapped[str] = mapped_column(String(16))
+    peer_ip: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int | None]
+    helo: Mapped[str | None] = mapped_column(String(255))
+    # The original client: the peer itself, or what a trusted proxy said with XFORWARD.
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    client_name: Mapped[str | None] = mapped_column(String(255))
+    client_helo: Mapped[str | None] = mapped_column(String(255))
+    client_protocol: Mapped[str | None] = mapped_column(String(64))
+    xforward: Mapped[dict[str, Any] | None]
+    mail_from: Mapped[str] = mapped_column(Text)
+    rcpt_tos: Mapped[list[str]] = mapped_column(JSONData)
+    tls: Mapped[dict[str, Any] | None]
+    size: Mapped[int]
+    sha256: Mapped[str] = mapped_column(String(64))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # Wire-level findings (bare CR/LF, NUL, smuggling sequences); never "fixed" in ``raw``.
+    intake_flags: Mapped[list[str]] = mapped_column(JSONData)
+    parsed: Mapped[dict[str, Any] | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    processed_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_message_state_id", "state", "id"),)

@@ -1,0 +1,227 @@
+"""Use cases on stored messages, shared by the SMTP edge, the worker and the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import defer
+
+from mailproc.db import Database
+from mailproc.intake import Arrival, wire_flags
+from mailproc.message import parse_message
+from mailproc.models import Message, MessageState, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(LookupError):
+    """No such record."""
+
+
+class InvalidState(ValueError):
+    """The record is not in a state that allows the operation."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    message_id: int
+    worker_id: str
+    attempts: int
+
+
+class MessageService:
+    def __init__(self, database: Database, lease_seconds: float = 300, max_attempts: int = 5):
+        self.db = database
+        self.lease = timedelta(seconds=lease_seconds)
+        self.max_attempts = max_attempts
+
+    # -- intake ---------------------------------------------------------------------------
+
+    def store_batch(self, arrivals: Sequence[Arrival]) -> list[int]:
+        """Store arrivals in one transaction; returns their ids once committed."""
+        now = utcnow()
+        rows = [
+            Message(
+                state=MessageState.RECEIVED,
+                received_at=a.received_at,
+                protocol=a.protocol,
+                peer_ip=a.peer_ip,
+                peer_port=a.peer_port,
+                helo=a.helo,
+                client_ip=a.client_ip,
+                client_name=a.client_name,
+                client_helo=a.client_helo,
+                client_protocol=a.client_protocol,
+                xforward=a.xforward,
+                mail_from=a.mail_from,
+                rcpt_tos=list(a.rcpt_tos),
+                tls=a.tls,
+                size=len(a.raw),
+                sha256=hashlib.sha256(a.raw).hexdigest(),
+                raw=a.raw,
+                intake_flags=wire_flags(a.raw),
+                attempts=0,
+                updated_at=now,
+            )
+            for a in arrivals
+        ]
+        with self.db.writing() as session:
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows]
+
+    # -- processing -----------------------------------------------------------------------
+
+    def claim_next(self, worker_id: str) -> Claim | None:
+        """Take the oldest message that is waiting, or whose last claim's lease ran out."""
+        while True:
+            claim, exhausted = self._claim_one(worker_id)
+            if not exhausted:
+                return claim
+
+    def _claim_one(self, worker_id: str) -> tuple[Claim | None, bool]:
+        now = utcnow()
+        waiting = (
+            select(Message.id)
+            .where(
+                or_(
+                    Message.state == MessageState.RECEIVED,
+                    and_(
+                        Message.state == MessageState.PROCESSING,
+                        Message.lease_expires_at < now,
+                    ),
+                )
+            )
+            .order_by(Message.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        with self.db.writing() as session:
+            row = session.execute(
+                update(Message)
+                .where(Message.id == waiting)
+                .values(
+                    state=MessageState.PROCESSING,
+                    claimed_by=worker_id,
+                    lease_expires_at=now + self.lease,
+                    attempts=Message.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(Message.id, Message.attempts)
+            ).one_or_none()
+            if row is None:
+                return None, False
+            if row.attempts <= self.max_attempts:
+                return Claim(row.id, worker_id, row.attempts), False
+            # Claimed so often without finishing that processing itself keeps dying.
+            session.execute(
+                update(Message)
+                .where(Message.id == row.id)
+                .values(
+                    state=MessageState.FAILED,
+                    error=(
+                        f"processing did not finish in {self.max_attempts} attempts "
+                        "(the worker died or its lease ran out each time)"
+                    ),
+                    claimed_by=None,
+                    lease_expires_at=None,
+                )
+            )
+            log.error("message %d failed: too many unfinished attempts", row.id)
+            return None, True
+
+    def process(self, claim: Claim) -> MessageState | None:
+        """Process a claimed message; returns its new state, or None if the claim was lost."""
+        with self.db.reading() as session:
+            raw = session.scalar(select(Message.raw).where(Message.id == claim.message_id))
+        if raw is None:
+            raise NotFound(f"message {claim.message_id} not found")
+        values: dict[str, Any]
+        try:
+            parsed = parse_message(raw)
+        except Exception as exc:
+            log.exception("message %d failed in processing", claim.message_id)
+            summary = "".join(traceback.format_exception_only(exc)).strip()
+            values = {"state": MessageState.FAILED, "error": summary}
+        else:
+            values = {
+                "state": MessageState.PROCESSED,
+                "parsed": parsed.summary(),
+                "error": None,
+                "processed_at": utcnow(),
+            }
+        with self.db.writing() as session:
+            # Only the holder of the claim may finish it: after a lease ran out and another
+            # worker took the message over, the late one's result is dropped, not doubled.
+            result = session.execute(
+                update(Message)
+                .where(
+                    Message.id == claim.message_id,
+                    Message.state == MessageState.PROCESSING,
+                    Message.claimed_by == claim.worker_id,
+                    Message.attempts == claim.attempts,
+                )
+                .values(**values, claimed_by=None, lease_expires_at=None, updated_at=utcnow())
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                log.warning("message %d: claim lost before it was finished", claim.message_id)
+                return None
+        return MessageState(values["state"])
+
+    def process_next(self, worker_id: str) -> bool:
+        claim = self.claim_next(worker_id)
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    # -- operations -----------------------------------------------------------------------
+
+    def retry(self, message_id: int) -> Message:
+        """Put a failed message back in the queue to be processed again."""
+        with self.db.writing() as session:
+            message = session.get(Message, message_id, with_for_update=True)
+            if message is None:
+                raise NotFound(f"message {message_id} not found")
+            if message.state != MessageState.FAILED:
+                raise InvalidState(
+                    f"message {message_id} is {message.state.value}; only failed messages can be "
+                    "retried"
+                )
+            message.state = MessageState.RECEIVED
+            message.attempts = 0
+            message.claimed_by = None
+            message.lease_expires_at = None
+            message.updated_at = utcnow()
+            return message
+
+    def get(self, message_id: int) -> Message:
+        with self.db.reading() as session:
+            message = session.get(Message, message_id)
+            if message is None:
+                raise NotFound(f"message {message_id} not found")
+            return message
+
+    def list(
+        self, state: MessageState | None = None, limit: int = 50, before_id: int | None = None
+    ) -> list[Message]:
+        query = select(Message).options(defer(Message.raw)).order_by(Message.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(Message.state == state)
+        if before_id is not None:
+            query = query.where(Message.id < before_id)
+        with self.db.reading() as session:
+            return list(session.scalars(query))
+
+    def counts(self) -> dict[str, int]:
+        with self.db.reading() as session:
+            rows = session.execute(select(Message.state, func.count()).group_by(Message.state))
+            return {state.value: count for state, count in rows}
