@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from mailproc import db
@@ -15,6 +16,10 @@ from mailproc.smtp import Connections, protocol_factory
 from mailproc.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class ListenError(Exception):
+    """The listener could not be opened (address in use, no permission, ...)."""
 
 
 class App:
@@ -38,11 +43,17 @@ class App:
         self.intake.start()
         self.worker.start()
         listen = self.settings.smtp.listen
-        self.server = await asyncio.get_running_loop().create_server(
-            protocol_factory(self.settings.smtp, self.intake, self.connections),
-            host=listen.host,
-            port=listen.port,
-        )
+        try:
+            self.server = await asyncio.get_running_loop().create_server(
+                protocol_factory(self.settings.smtp, self.intake, self.connections),
+                host=listen.host,
+                port=listen.port,
+            )
+        except OSError as exc:
+            await self.intake.close()
+            await self.worker.stop()
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"cannot listen on {listen}: {reason.lower()}") from exc
         self.smtp_port = self.server.sockets[0].getsockname()[1]
         log.info(
             "mailproc %s listening on %s:%d (database %s)",

@@ -44,6 +44,7 @@ class Context:
     def __init__(self, config_path: str | None) -> None:
         self.config_path = config_path
         self._settings: Settings | None = None
+        self._database: db.Database | None = None
 
     @property
     def settings(self) -> Settings:
@@ -53,7 +54,13 @@ class Context:
         return self._settings
 
     def database(self) -> db.Database:
-        return db.Database(self.settings.database.url)
+        if self._database is None:
+            self._database = db.Database(self.settings.database.url)
+        return self._database
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.dispose()
 
     def messages(self) -> MessageService:
         worker = self.settings.worker
@@ -76,6 +83,7 @@ pass_context = click.make_pass_decorator(Context)
 def main(ctx: click.Context, config_path: str | None) -> None:
     """Support mail in, verified reset requests out."""
     ctx.obj = Context(config_path)
+    ctx.call_on_close(ctx.obj.close)
 
 
 def _setup_logging(level: str) -> None:
@@ -94,18 +102,15 @@ def _setup_logging(level: str) -> None:
 @pass_context
 def serve(ctx: Context) -> None:
     """Run the SMTP/LMTP listener and the worker until SIGTERM."""
-    from mailproc.app import App
+    from mailproc.app import App, ListenError
 
     settings = ctx.settings
     _setup_logging(settings.logging.level)
     with _user_errors():
-        app = App(settings)
         try:
-            asyncio.run(app.run_until_signalled())
-        except OSError as exc:
-            raise click.ClickException(
-                f"cannot listen on {settings.smtp.listen}: {exc.strerror or exc}"
-            ) from None
+            asyncio.run(App(settings).run_until_signalled())
+        except ListenError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 @main.group("config")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -192,7 +193,7 @@ class DatabaseSettings:
 @dataclass(frozen=True)
 class WorkerSettings:
     poll_interval_seconds: float = _key(5.0, _positive_float, "float")
-    lease_seconds: float = _key(300.0, _positive_float, "float")
+    lease_seconds: float = _key(60.0, _positive_float, "float")
     max_attempts: int = _key(5, _positive_int, "int")
 
 
@@ -276,6 +277,16 @@ def _cross_checks(settings: Settings) -> None:
         raise ConfigError(
             f"{settings.source}: [smtp] require_starttls: needs tls_cert_file and tls_key_file"
         )
+    if smtp.tls_cert_file:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                smtp.tls_cert_file, smtp.tls_key_file
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"{settings.source}: [smtp] tls_cert_file: cannot load the certificate and key: "
+                f"{exc.strerror or exc}"
+            ) from None
     if not smtp.support_addresses:
         raise ConfigError(f"{settings.source}: [smtp] support_addresses: must not be empty")
 

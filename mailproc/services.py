@@ -37,7 +37,7 @@ class Claim:
 
 
 class MessageService:
-    def __init__(self, database: Database, lease_seconds: float = 300, max_attempts: int = 5):
+    def __init__(self, database: Database, lease_seconds: float = 60, max_attempts: int = 5):
         self.db = database
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
@@ -174,7 +174,9 @@ class MessageService:
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 log.warning("message %d: claim lost before it was finished", claim.message_id)
                 return None
-        return MessageState(values["state"])
+        state = MessageState(values["state"])
+        log.info("message %d %s (attempt %d)", claim.message_id, state.value, claim.attempts)
+        return state
 
     def process_next(self, worker_id: str) -> bool:
         claim = self.claim_next(worker_id)

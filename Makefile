@@ -1,0 +1,56 @@
+# The two quickstart commands (`make run`, `make test`) and the rest of the developer loop.
+# Every target creates .venv itself; nothing else needs to be installed beforehand but
+# Python 3.11+ (and, for the PostgreSQL half of the suite, Debian's postgresql package, which
+# `make test` installs when it runs as root).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: run test lint typecheck pytest bench format clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailproc needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+
+$(RUN_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e '.[dev]'
+	@touch $@ $(RUN_STAMP)
+
+## run: install, migrate and start the service on its built-in defaults (or $$MAILPROC_CONFIG)
+run: $(RUN_STAMP)
+	$(BIN)/mailproc db upgrade
+	exec $(BIN)/mailproc serve
+
+## test: lint, type checks and the whole suite, on SQLite and PostgreSQL
+test: $(DEV_STAMP)
+	tests/ensure_postgres.sh
+	$(MAKE) --no-print-directory lint typecheck pytest
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check mailproc tests bench
+	$(BIN)/ruff format --check mailproc tests bench
+
+typecheck: $(DEV_STAMP)
+	$(BIN)/mypy mailproc
+
+pytest: $(DEV_STAMP)
+	$(BIN)/pytest
+
+## bench: intake throughput against a bare aiosmtpd sink
+bench: $(DEV_STAMP)
+	$(BIN)/python -m bench.intake
+
+format: $(DEV_STAMP)
+	$(BIN)/ruff check --fix mailproc tests bench
+	$(BIN)/ruff format mailproc tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

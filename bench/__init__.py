@@ -1,0 +1,1 @@
+"""Benchmarks for mailproc; run ``python -m bench.intake``."""

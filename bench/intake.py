@@ -1,0 +1,822 @@
+"""Intake throughput: how many messages per second ``mailproc serve`` answers ``250`` (each one
+committed to SQLite with fsync before the reply) compared with a bare aiosmtpd sink that stores
+nothing, under the same concurrent SMTP load from an asyncio load generator.
+
+Two scenarios run against both targets, repeated in alternating order; medians are reported:
+
+* one message per connection, from N concurrent clients;
+* N persistent sessions, each sending messages back to back.
+
+Only ``250`` replies count. Afterwards the rows in mailproc's ``message`` table must equal the
+``250`` replies it gave, and the ids in those replies must be exactly the stored ids. The table
+goes to stdout, the figures and machine facts to ``bench/results.json``.
+
+Usage: ``python -m bench.intake [--clients 20] [--sessions 20] [--duration 8] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import ctypes
+import hashlib
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email import policy
+from email.message import EmailMessage
+from email.utils import format_datetime
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results.json"
+HOST = "127.0.0.1"
+SUPPORT = "support@example.com"
+SENDER = "alice.customer@example.org"
+TARGET_RATIO = 0.80
+STEP_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
+STOP_GRACE = 45.0
+IDLE_TIMEOUT = 300.0
+SETTLE_SECONDS = 1.0
+LISTENING = re.compile(r"listening on \S+:(\d+)")
+ID_PLACEHOLDER = "BENCHMSGID"
+
+EHLO = b"EHLO client.bench.example.org\r\n"
+MAIL = f"MAIL FROM:<{SENDER}>\r\n".encode()
+RCPT = f"RCPT TO:<{SUPPORT}>\r\n".encode()
+QUIT = b"QUIT\r\n"
+
+SINK = "sink"
+MAILPROC = "mailproc"
+PER_CONNECTION = "per-connection"
+PERSISTENT = "persistent"
+
+_TEXT_BODY = """\
+Hello support team,
+
+I can no longer sign in to my account (customer number 48213) because I
+do not remember the answer to my security question. I set it up years
+ago when I opened the account, and I have changed my phone since, so the
+recovery code is not reaching me either.
+
+Could you please reset the security question so that I can choose a new
+one? I can confirm the following details, which should match what you
+have on file:
+
+  - Full name: Alice Customer
+  - Date of birth: 14 March 1986
+  - Postcode on the account: 10115
+  - Last invoice number: INV-2024-00917, paid on 2 November
+
+I am writing from the address registered on the account. If you need
+anything else from me, for example a copy of my ID, just reply to this
+message and I will send it the same day.
+
+Thank you very much for your help.
+
+Kind regards,
+Alice Customer
+"""
+
+_HTML_BODY = """\
+<html><head><meta charset="utf-8"></head><body>
+<p>Hello support team,</p>
+<p>I can no longer sign in to my account (customer number 48213) because
+I do not remember the answer to my security question. I set it up years
+ago when I opened the account, and I have changed my phone since, so the
+recovery code is not reaching me either.</p>
+<p>Could you please reset the security question so that I can choose a
+new one? I can confirm the following details, which should match what
+you have on file:</p>
+<ul>
+<li>Full name: Alice Customer</li>
+<li>Date of birth: 14 March 1986</li>
+<li>Postcode on the account: 10115</li>
+<li>Last invoice number: INV-2024-00917, paid on 2 November</li>
+</ul>
+<p>I am writing from the address registered on the account. If you need
+anything else from me, for example a copy of my ID, just reply to this
+message and I will send it the same day.</p>
+<p>Thank you very much for your help.</p>
+<p>Kind regards,<br>Alice Customer</p>
+</body></html>
+"""
+
+
+def build_message() -> tuple[bytes, bytes]:
+    """A support request of about 3.5 KB as it arrives from a relay: trace and authentication
+    headers, a DKIM signature and a multipart/alternative body. Returned as the DATA payload
+    (dot-stuffed, with the final ``.`` line) split around a per-message unique Message-ID part."""
+    message = EmailMessage(policy=policy.SMTP)
+    message["From"] = f'"Alice Customer" <{SENDER}>'
+    message["To"] = f"Example Support <{SUPPORT}>"
+    message["Subject"] = "Please reset my security question (customer 48213)"
+    message["Date"] = format_datetime(datetime(2024, 11, 12, 9, 14, 27, tzinfo=UTC))
+    message["Message-ID"] = f"<{ID_PLACEHOLDER}@mail.example.org>"
+    message["X-Mailer"] = "Example Mail 8.4 (build 2291)"
+    message.set_content(_TEXT_BODY)
+    message.add_alternative(_HTML_BODY, subtype="html")
+    message.set_boundary("=_b9f1c7a2e4d84a0f9d3c_=")
+    signature = base64.b64encode(hashlib.sha512(b"bench").digest() * 4).decode()
+    body_hash = base64.b64encode(hashlib.sha256(b"body").digest()).decode()
+    signature_lines = "\r\n\t  ".join(signature[i : i + 70] for i in range(0, len(signature), 70))
+    trace = (
+        "Received: from mail-out.example.org (mail-out.example.org [192.0.2.25])\r\n"
+        "\tby mx1.example.com (Postfix) with ESMTPS id 4XyZ1k2Qbcz9sT\r\n"
+        f"\tfor <{SUPPORT}>; Tue, 12 Nov 2024 09:14:28 +0000 (UTC)\r\n"
+        "Received: from [198.51.100.7] (dyn-7.example.net [198.51.100.7])\r\n"
+        "\tby mail-out.example.org (Postfix) with ESMTPSA id 8C1F2A0147\r\n"
+        f"\tfor <{SUPPORT}>; Tue, 12 Nov 2024 09:14:27 +0000 (UTC)\r\n"
+        "Authentication-Results: mx1.example.com; dkim=pass header.d=example.org;\r\n"
+        "\tspf=pass smtp.mailfrom=example.org; dmarc=pass header.from=example.org\r\n"
+        "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.org;\r\n"
+        "\ts=s2024; t=1731402867;\r\n"
+        "\th=from:to:subject:date:message-id:mime-version:content-type;\r\n"
+        f"\tbh={body_hash};\r\n"
+        f"\tb={signature_lines}\r\n"
+    )
+    raw = trace.encode() + message.as_bytes()
+    raw = re.sub(rb"(?m)^\.", b"..", raw)
+    if not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    prefix, suffix = (raw + b".\r\n").split(ID_PLACEHOLDER.encode())
+    return prefix, suffix
+
+
+class Messages:
+    """DATA payloads with unique Message-IDs."""
+
+    def __init__(self) -> None:
+        self.prefix, self.suffix = build_message()
+        self._counter = itertools.count(1)
+        self.tag = f"{os.getpid()}.{int(time.time())}".encode()
+
+    def next(self) -> bytes:
+        return b"%s%s.%d%s" % (self.prefix, self.tag, next(self._counter), self.suffix)
+
+    @property
+    def size(self) -> int:
+        return len(self.next()) - len(b".\r\n")
+
+
+# -- load generator ---------------------------------------------------------------------------
+
+
+class Rejected(Exception):
+    """The server answered a step with an unexpected code."""
+
+    def __init__(self, step: str, code: int, text: bytes) -> None:
+        super().__init__(f"{step}: {code} {text.decode(errors='replace')}")
+        self.step = step
+        self.code = code
+
+
+NETWORK_ERRORS = (
+    OSError,
+    TimeoutError,
+    EOFError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+)
+
+
+@dataclass
+class Tally:
+    """Outcomes of one run; the window is the measured part after the warm-up."""
+
+    window_start: float
+    window_end: float
+    ok_total: int = 0
+    ok_window: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    ids: list[int] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+
+    def accepted(self, reply: bytes, started: float) -> None:
+        now = time.monotonic()
+        self.ok_total += 1
+        if self.window_start <= now < self.window_end:
+            self.ok_window += 1
+            self.latencies.append(now - started)
+        last = reply.rsplit(b" ", 1)[-1]
+        if last.isdigit():
+            self.ids.append(int(last))
+
+    def rejection(self, exc: Rejected) -> None:
+        self.rejected[f"{exc.step} {exc.code}"] += 1
+
+    def error(self, exc: BaseException) -> None:
+        self.errors[type(exc).__name__] += 1
+
+
+class Client:
+    """One SMTP session in lock-step (no pipelining), over raw asyncio streams."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        client = cls(reader, writer)
+        try:
+            await client.expect("greeting", 220)
+            await client.expect("EHLO", 250, EHLO)
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    async def reply(self) -> tuple[int, bytes]:
+        while True:
+            line = await self.reader.readuntil(b"\r\n")
+            if line[3:4] != b"-":
+                return int(line[:3]), line[4:].rstrip()
+
+    async def expect(self, step: str, code: int, data: bytes = b"") -> bytes:
+        if data:
+            self.writer.write(data)
+        got, text = await self.reply()
+        if got != code:
+            raise Rejected(step, got, text)
+        return text
+
+    async def send(self, payload: bytes) -> bytes:
+        """One mail transaction; returns the text of the final ``250``."""
+        await self.expect("MAIL", 250, MAIL)
+        await self.expect("RCPT", 250, RCPT)
+        await self.expect("DATA", 354, b"DATA\r\n")
+        return await self.expect("message", 250, payload)
+
+    async def quit(self) -> None:
+        try:
+            await self.expect("QUIT", 221, QUIT)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def one_per_connection(port: int, tally: Tally, messages: Messages, end: float) -> None:
+    while time.monotonic() < end:
+        client: Client | None = None
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT):
+                client = await Client.connect(port)
+                started = time.monotonic()
+                reply = await client.send(messages.next())
+                tally.accepted(reply, started)
+                await client.quit()
+        except Rejected as exc:
+            tally.rejection(exc)
+        except NETWORK_ERRORS as exc:
+            tally.error(exc)
+            await asyncio.sleep(0.05)
+        finally:
+            if client is not None:
+                client.close()
+
+
+async def persistent_session(port: int, tally: Tally, messages: Messages, end: float) -> None:
+    client: Client | None = None
+    try:
+        while time.monotonic() < end:
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    if client is None:
+                        client = await Client.connect(port)
+                    started = time.monotonic()
+                    reply = await client.send(messages.next())
+                    tally.accepted(reply, started)
+            except (Rejected, *NETWORK_ERRORS) as exc:
+                if isinstance(exc, Rejected):
+                    tally.rejection(exc)
+                else:
+                    tally.error(exc)
+                    await asyncio.sleep(0.05)
+                if client is not None:
+                    client.close()
+                client = None
+        if client is not None:
+            try:
+                async with asyncio.timeout(STEP_TIMEOUT):
+                    await client.quit()
+            except Rejected as exc:
+                tally.rejection(exc)
+            except NETWORK_ERRORS as exc:
+                tally.error(exc)
+    finally:
+        if client is not None:
+            client.close()
+
+
+Session = Callable[[int, Tally, Messages, float], Awaitable[None]]
+SESSIONS: dict[str, Session] = {
+    PER_CONNECTION: one_per_connection,
+    PERSISTENT: persistent_session,
+}
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of a process and all its threads (Linux /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Run:
+    target: str
+    scenario: str
+    repeat: int
+    concurrency: int
+    duration: float
+    tally: Tally
+    server_cpu: float | None
+    loadgen_cpu: float
+    catch_up_seconds: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.tally.ok_window / self.duration
+
+    def percentile_ms(self, q: float) -> float | None:
+        values = sorted(self.tally.latencies)
+        if not values:
+            return None
+        return 1000 * values[min(len(values) - 1, int(q * len(values)))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "scenario": self.scenario,
+            "repeat": self.repeat,
+            "concurrency": self.concurrency,
+            "measured_seconds": self.duration,
+            "msgs_per_s": round(self.rate, 1),
+            "accepted_in_window": self.tally.ok_window,
+            "accepted_total": self.tally.ok_total,
+            "non_250_replies": dict(self.tally.rejected),
+            "errors": dict(self.tally.errors),
+            "latency_ms_p50": _round(self.percentile_ms(0.50), 2),
+            "latency_ms_p99": _round(self.percentile_ms(0.99), 2),
+            "server_cpu_fraction": _round(self.server_cpu, 3),
+            "loadgen_cpu_fraction": round(self.loadgen_cpu, 3),
+            "worker_catch_up_seconds": _round(self.catch_up_seconds, 2),
+        }
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+async def drive(
+    port: int,
+    server_pid: int,
+    scenario: str,
+    concurrency: int,
+    warmup: float,
+    duration: float,
+    messages: Messages,
+) -> tuple[Tally, float | None, float]:
+    """Run ``concurrency`` sessions for ``warmup + duration`` seconds; returns the tally and the
+    CPU fraction used by the server and by this load generator during the measured window."""
+    start = time.monotonic()
+    tally = Tally(start + warmup, start + warmup + duration)
+    session = SESSIONS[scenario]
+    tasks = [
+        asyncio.create_task(session(port, tally, messages, tally.window_end))
+        for _ in range(concurrency)
+    ]
+    try:
+        await asyncio.sleep(max(0.0, tally.window_start - time.monotonic()))
+        server_cpu0, own_cpu0, wall0 = (
+            process_cpu_seconds(server_pid),
+            time.process_time(),
+            time.monotonic(),
+        )
+        await asyncio.sleep(max(0.0, tally.window_end - time.monotonic()))
+        server_cpu1, own_cpu1, wall1 = (
+            process_cpu_seconds(server_pid),
+            time.process_time(),
+            time.monotonic(),
+        )
+        async with asyncio.timeout(2 * STEP_TIMEOUT):
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    wall = wall1 - wall0
+    server_cpu = (
+        None if server_cpu0 is None or server_cpu1 is None else (server_cpu1 - server_cpu0) / wall
+    )
+    return tally, server_cpu, (own_cpu1 - own_cpu0) / wall
+
+
+# -- the two servers --------------------------------------------------------------------------
+
+
+class SinkHandler:
+    """Accepts every message and keeps nothing."""
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        return "250 2.0.0 OK"
+
+
+async def _serve_sink() -> None:
+    from aiosmtpd.smtp import SMTP
+
+    loop = asyncio.get_running_loop()
+    handler = SinkHandler()
+    server = await loop.create_server(
+        lambda: SMTP(handler, enable_SMTPUTF8=True, ident="bench-sink"), HOST, 0
+    )
+    port = server.sockets[0].getsockname()[1]
+    print(f"sink listening on {HOST}:{port}", flush=True)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    server.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the benchmark process dies without cleaning up."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Child:
+    """A server process whose output goes to a log file; announces its port in that log."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.port = 0
+        with log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def wait_listening(self, timeout: float = START_TIMEOUT) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = LISTENING.search(self.log_path.read_text(errors="replace"))
+            if found:
+                self.port = int(found.group(1))
+                return self.port
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start listening in {timeout:.0f}s")
+
+    def stop(self, grace: float = STOP_GRACE) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def write_config(directory: Path) -> tuple[Path, Path]:
+    """mailproc's own defaults apart from a free port and a database in ``directory``."""
+    database = directory / "mailproc.db"
+    config = directory / "mailproc.toml"
+    config.write_text(
+        "[smtp]\n"
+        f'listen = "{HOST}:0"\n'
+        f'support_addresses = ["{SUPPORT}"]\n'
+        "\n[database]\n"
+        f'url = "sqlite:///{database}"\n'
+    )
+    return config, database
+
+
+def _query(database: Path, sql: str) -> list[tuple[Any, ...]]:
+    uri = f"file:{database}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as connection:
+        return connection.execute(sql).fetchall()
+
+
+def wait_worker_idle(database: Path, timeout: float = IDLE_TIMEOUT) -> float:
+    """Wait until mailproc's worker has processed every stored message; returns the wait."""
+    start = time.monotonic()
+    while True:
+        waiting = _query(
+            database,
+            "SELECT count(*) FROM message WHERE state IN ('received', 'processing')",
+        )[0][0]
+        if not waiting:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise RuntimeError(f"mailproc's worker still has {waiting} messages after {timeout}s")
+        time.sleep(0.1)
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    concurrency: int
+
+
+def machine_info() -> dict[str, Any]:
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(affinity) if affinity is not None else None,
+        "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "sqlite": sqlite3.sqlite_version,
+        "aiosmtpd": metadata.version("aiosmtpd"),
+        "sqlalchemy": metadata.version("SQLAlchemy"),
+    }
+
+
+def run_once(
+    target: str,
+    child: Child,
+    scenario: Scenario,
+    repeat: int,
+    args: argparse.Namespace,
+    messages: Messages,
+    database: Path,
+) -> Run:
+    wait_worker_idle(database)
+    time.sleep(SETTLE_SECONDS)
+    tally, server_cpu, loadgen_cpu = asyncio.run(
+        drive(
+            child.port,
+            child.pid,
+            scenario.name,
+            scenario.concurrency,
+            args.warmup,
+            args.duration,
+            messages,
+        )
+    )
+    run = Run(
+        target,
+        scenario.name,
+        repeat,
+        scenario.concurrency,
+        args.duration,
+        tally,
+        server_cpu,
+        loadgen_cpu,
+    )
+    if target == MAILPROC:
+        run.catch_up_seconds = wait_worker_idle(database)
+    problems = sum(tally.rejected.values()) + sum(tally.errors.values())
+    cpu = "n/a" if server_cpu is None else f"{100 * server_cpu:.0f}%"
+    print(
+        f"  [{repeat + 1}/{args.repeats}] {scenario.name:<14} {target:<8} "
+        f"{run.rate:8.1f} msg/s  p50 {run.percentile_ms(0.5) or 0:6.1f} ms  "
+        f"p99 {run.percentile_ms(0.99) or 0:6.1f} ms  server cpu {cpu:>4}  "
+        f"loadgen cpu {100 * loadgen_cpu:.0f}%" + (f"  PROBLEMS {problems}" if problems else ""),
+        flush=True,
+    )
+    return run
+
+
+def durability(database: Path, runs: list[Run]) -> dict[str, Any]:
+    replies = sum(r.tally.ok_total for r in runs if r.target == MAILPROC)
+    reply_ids = [i for r in runs if r.target == MAILPROC for i in r.tally.ids]
+    stored_ids = [row[0] for row in _query(database, "SELECT id FROM message")]
+    states = dict(_query(database, "SELECT state, count(*) FROM message GROUP BY state"))
+    return {
+        "replies_250": replies,
+        "rows_in_message_table": len(stored_ids),
+        "rows_match_replies": len(stored_ids) == replies,
+        "reply_ids_match_rows": sorted(reply_ids) == sorted(stored_ids),
+        "states": states,
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'scenario':<36} {'sink msgs/s':>12} {'mailproc msgs/s':>16} {'ratio':>6}  "
+        f"target (ratio >= {TARGET_RATIO:.2f})"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['title']:<36} {row['sink_msgs_per_s']:>12.1f} "
+            f"{row['mailproc_msgs_per_s']:>16.1f} {row['ratio']:>6.2f}  "
+            f"{'met' if row['target_met'] else 'NOT met'}"
+        )
+
+
+def benchmark(args: argparse.Namespace, workdir: Path) -> int:
+    scenarios = [
+        Scenario(
+            PER_CONNECTION, f"one message per connection ({args.clients} clients)", args.clients
+        ),
+        Scenario(PERSISTENT, f"{args.sessions} persistent sessions", args.sessions),
+    ]
+    messages = Messages()
+    config, database = write_config(workdir)
+    python = sys.executable
+    print(
+        f"intake benchmark: {messages.size}-byte message, warm-up {args.warmup:g}s, "
+        f"measured {args.duration:g}s, {args.repeats} repeats per target and scenario",
+        flush=True,
+    )
+    children: list[Child] = []
+    try:
+        mailproc = Child(
+            MAILPROC,
+            [python, "-m", "mailproc", "--config", str(config), "serve"],
+            workdir / "mailproc.log",
+        )
+        children.append(mailproc)
+        sink = Child(SINK, [python, "-m", "bench.intake", "--sink"], workdir / "sink.log")
+        children.append(sink)
+        mailproc.wait_listening()
+        sink.wait_listening()
+        print(f"mailproc on port {mailproc.port} (database {database}), sink on port {sink.port}")
+        targets = {SINK: sink, MAILPROC: mailproc}
+        runs: list[Run] = []
+        for repeat in range(args.repeats):
+            for index, scenario in enumerate(scenarios):
+                order = [SINK, MAILPROC] if (repeat + index) % 2 == 0 else [MAILPROC, SINK]
+                for target in order:
+                    runs.append(
+                        run_once(
+                            target, targets[target], scenario, repeat, args, messages, database
+                        )
+                    )
+        sink_exit = sink.stop()
+        mailproc_exit = mailproc.stop()
+        mailproc_log = mailproc.log_path.read_text(errors="replace")
+    finally:
+        for child in children:
+            child.stop(grace=5.0)
+
+    checked = durability(database, runs)
+    checked["mailproc_exit_code"] = mailproc_exit
+    checked["mailproc_log_errors"] = len(re.findall(r" (?:ERROR|CRITICAL) ", mailproc_log))
+    checked["mailproc_log_warnings"] = len(re.findall(r" WARNING ", mailproc_log))
+
+    rows: list[dict[str, Any]] = []
+    for scenario in scenarios:
+        mine = [r for r in runs if r.scenario == scenario.name]
+        sink_rates = [r.rate for r in mine if r.target == SINK]
+        mailproc_rates = [r.rate for r in mine if r.target == MAILPROC]
+        sink_median = statistics.median(sink_rates)
+        mailproc_median = statistics.median(mailproc_rates)
+        ratio = mailproc_median / sink_median if sink_median else 0.0
+        rows.append(
+            {
+                "scenario": scenario.name,
+                "title": scenario.title,
+                "concurrency": scenario.concurrency,
+                "sink_msgs_per_s": round(sink_median, 1),
+                "mailproc_msgs_per_s": round(mailproc_median, 1),
+                "ratio": round(ratio, 3),
+                "target_ratio": TARGET_RATIO,
+                "target_met": ratio >= TARGET_RATIO,
+                "runs": [r.summary() for r in mine],
+            }
+        )
+    rejected = sum(sum(r.tally.rejected.values()) for r in runs)
+    errors = sum(sum(r.tally.errors.values()) for r in runs)
+    valid = (
+        rejected == 0
+        and errors == 0
+        and checked["rows_match_replies"]
+        and checked["reply_ids_match_rows"]
+    )
+
+    print()
+    print_table(rows)
+    print()
+    print(f"non-250 replies: {rejected}   errors: {errors}   sink exit code: {sink_exit}")
+    print(
+        f"durability: {checked['rows_in_message_table']} rows in message table, "
+        f"{checked['replies_250']} 250 replies from mailproc -> "
+        f"{'match' if checked['rows_match_replies'] else 'MISMATCH'}; reply ids "
+        f"{'match' if checked['reply_ids_match_rows'] else 'DO NOT match'} stored ids; "
+        f"mailproc exit code {mailproc_exit}, "
+        f"{checked['mailproc_log_errors']} error lines in its log"
+    )
+
+    results = {
+        "benchmark": "bench.intake",
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "parameters": {
+            "clients": args.clients,
+            "sessions": args.sessions,
+            "warmup_seconds": args.warmup,
+            "measured_seconds": args.duration,
+            "repeats": args.repeats,
+            "message_bytes": messages.size,
+            "load_generator": "asyncio streams, lock-step SMTP (no pipelining)",
+            "mailproc_settings": "defaults (SQLite WAL, synchronous=FULL, logging info)",
+        },
+        "scenarios": rows,
+        "non_250_replies": rejected,
+        "errors": errors,
+        "durability": checked,
+        "valid": valid,
+    }
+    output = Path(args.output)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"results written to {output}")
+    return 0 if valid else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.intake", description=__doc__.split("\n\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--clients", type=int, default=20, help="clients, one message each")
+    parser.add_argument("--sessions", type=int, default=20, help="persistent sessions")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per target and scenario")
+    parser.add_argument("--output", default=str(RESULTS), help="JSON results file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--sink", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.clients, args.sessions, args.repeats) < 1 or args.duration <= 0:
+        parser.error("--clients, --sessions and --repeats must be >= 1, --duration > 0")
+    return args
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.sink:
+        asyncio.run(_serve_sink())
+        return 0
+    signal.signal(signal.SIGTERM, _terminate)
+    workdir = Path(tempfile.mkdtemp(prefix="mailproc-bench-"))
+    try:
+        return benchmark(args, workdir)
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

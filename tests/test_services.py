@@ -1,0 +1,164 @@
+"""Message processing on the real databases: claims, leases, failures and replay."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from mailproc import db
+from mailproc.intake import Arrival
+from mailproc.models import MessageState, utcnow
+from mailproc.services import InvalidState, MessageService, NotFound
+from tests.support import SUPPORT, AppThread, make_message, send, stored_id, wait_for, wire
+
+
+@pytest.fixture
+def service(database_url: str) -> Iterator[MessageService]:
+    database = db.Database(database_url)
+    db.upgrade(database)
+    yield MessageService(database, lease_seconds=60, max_attempts=3)
+    database.dispose()
+
+
+def arrival(raw: bytes | None = None) -> Arrival:
+    return Arrival(
+        received_at=utcnow(),
+        protocol="smtp",
+        peer_ip="127.0.0.1",
+        peer_port=40000,
+        helo="client.example.org",
+        client_ip="127.0.0.1",
+        client_name=None,
+        client_helo="client.example.org",
+        client_protocol="ESMTP",
+        xforward=None,
+        mail_from="alice@example.org",
+        rcpt_tos=(SUPPORT,),
+        tls=None,
+        raw=raw if raw is not None else wire(make_message()),
+    )
+
+
+def test_stored_batch_keeps_order_and_bytes(service: MessageService) -> None:
+    raws = [wire(make_message(subject=f"n{i}")) for i in range(5)]
+    ids = service.store_batch([arrival(raw) for raw in raws])
+    assert ids == sorted(ids)
+    stored = [service.get(i) for i in ids]
+    assert [m.raw for m in stored] == raws
+    assert [m.size for m in stored] == [len(raw) for raw in raws]
+    assert all(m.state == MessageState.RECEIVED and m.attempts == 0 for m in stored)
+
+
+def test_claims_go_oldest_first_and_never_twice(service: MessageService) -> None:
+    first, second = service.store_batch([arrival(), arrival()])
+    a = service.claim_next("worker-a")
+    b = service.claim_next("worker-b")
+    assert a is not None
+    assert b is not None
+    assert (a.message_id, b.message_id) == (first, second)
+    assert service.claim_next("worker-c") is None
+
+
+def test_concurrent_workers_never_claim_the_same_message(service: MessageService) -> None:
+    service.store_batch([arrival() for _ in range(40)])
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        while (claim := service.claim_next(name)) is not None:
+            with lock:
+                claimed.append(claim.message_id)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(claimed) == sorted(set(claimed))
+    assert len(claimed) == 40
+
+
+def test_expired_lease_is_taken_over_and_the_late_result_dropped(
+    service: MessageService,
+) -> None:
+    [message_id] = service.store_batch([arrival()])
+    service.lease = timedelta(milliseconds=1)
+    slow = service.claim_next("slow-worker")
+    assert slow is not None
+    time.sleep(0.05)
+    fast = service.claim_next("fast-worker")
+    assert fast is not None
+    assert fast.message_id == message_id
+    assert fast.attempts == 2
+    assert service.process(slow) is None  # the claim was lost: its result is not written
+    assert service.get(message_id).state == MessageState.PROCESSING
+    assert service.process(fast) == MessageState.PROCESSED
+    assert service.get(message_id).state == MessageState.PROCESSED
+
+
+def test_message_whose_processing_keeps_dying_fails_after_max_attempts(
+    service: MessageService,
+) -> None:
+    [message_id] = service.store_batch([arrival()])
+    service.lease = timedelta(milliseconds=1)
+    for _ in range(3):
+        assert service.claim_next("dies") is not None  # and never finishes
+        time.sleep(0.01)
+    assert service.claim_next("dies") is None
+    failed = service.get(message_id)
+    assert failed.state == MessageState.FAILED
+    assert failed.error is not None
+    assert "3 attempts" in failed.error
+
+
+def test_processing_error_is_recorded_and_retry_replays_it(
+    service: MessageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [message_id] = service.store_batch([arrival()])
+
+    def broken(raw: bytes) -> None:
+        raise RuntimeError("parser exploded")
+
+    monkeypatch.setattr("mailproc.services.parse_message", broken)
+    assert service.process_next("w") is True
+    failed = service.get(message_id)
+    assert failed.state == MessageState.FAILED
+    assert failed.error == "RuntimeError: parser exploded"
+    assert failed.raw  # nothing dropped
+
+    monkeypatch.undo()
+    retried = service.retry(message_id)
+    assert retried.state == MessageState.RECEIVED
+    assert service.process_next("w") is True
+    done = service.get(message_id)
+    assert done.state == MessageState.PROCESSED
+    assert done.error is None
+
+
+def test_retry_refuses_messages_that_did_not_fail(service: MessageService) -> None:
+    [message_id] = service.store_batch([arrival()])
+    with pytest.raises(InvalidState, match="only failed messages"):
+        service.retry(message_id)
+    with pytest.raises(NotFound):
+        service.retry(message_id + 1000)
+
+
+def test_worker_in_the_service_processes_what_smtp_stored(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        "mailproc.services.parse_message",
+        lambda raw: (_ for _ in ()).throw(ValueError("bad day")),
+    )
+    with AppThread.running(database_url) as app:
+        message_id = stored_id(send(app.port, make_message()))
+        failed = wait_for(lambda: app.app.messages.get(message_id).state == MessageState.FAILED)
+        assert failed
+        monkeypatch.undo()
+        app.app.messages.retry(message_id)
+        app.app.worker.wake()
+        assert wait_for(lambda: app.app.messages.get(message_id).state == MessageState.PROCESSED)
