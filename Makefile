@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest bench format clean
+.PHONY: run test lint typecheck pytest bench migration format clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailproc needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -47,6 +47,11 @@ pytest: $(DEV_STAMP)
 ## bench: intake throughput against a bare aiosmtpd sink
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake
+
+## migration: generate a migration from the models (MSG="what changed")
+migration: $(DEV_STAMP)
+	@test -n "$(MSG)" || { echo 'usage: make migration MSG="what changed"'; exit 2; }
+	$(BIN)/python -m mailproc.migrations.new "$(MSG)"
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix mailproc tests bench

@@ -77,7 +77,7 @@ class Database:
         self.engine.dispose()
 
 
-def _alembic_config() -> AlembicConfig:
+def alembic_config() -> AlembicConfig:
     config = AlembicConfig()
     config.set_main_option("script_location", "mailproc:migrations")
     return config
@@ -85,14 +85,14 @@ def _alembic_config() -> AlembicConfig:
 
 def upgrade(database: Database, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (by default all of them)."""
-    config = _alembic_config()
+    config = alembic_config()
     with database.engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
 
 def head_revision() -> str | None:
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(database: Database) -> str | None:

@@ -29,7 +29,7 @@ def test_downgrade_to_empty_and_back(database_url: str) -> None:
         db.upgrade(database, "head")  # a second run changes nothing
         from alembic import command
 
-        config = db._alembic_config()
+        config = db.alembic_config()
         with database.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.downgrade(config, "base")

@@ -1,0 +1,42 @@
+# mailproc: a slim image running `mailproc serve` as an unprivileged user.
+# The install steps are the Makefile's: a virtualenv, then `pip install` of this project.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/mailproc \
+    PATH=/opt/mailproc/bin:$PATH
+
+RUN groupadd --system mailproc \
+    && useradd --system --gid mailproc --home-dir /var/lib/mailproc --shell /usr/sbin/nologin mailproc \
+    && install -d -o mailproc -g mailproc -m 0750 /var/lib/mailproc
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY mailproc ./mailproc
+RUN python -m venv "$VIRTUAL_ENV" \
+    && "$VIRTUAL_ENV/bin/python" -m pip install . \
+    && rm -rf /src
+
+COPY rules /etc/mailproc/rules
+COPY templates /etc/mailproc/templates
+COPY config.example.toml /etc/mailproc/config.example.toml
+
+# In a container the listener must face the network, and the database lives in the volume.
+# Any setting can be overridden with MAILPROC_<SECTION>_<KEY> or a file in MAILPROC_CONFIG.
+ENV MAILPROC_SMTP_LISTEN=0.0.0.0:2525 \
+    MAILPROC_DATABASE_URL=sqlite:////var/lib/mailproc/mailproc.db
+
+USER mailproc
+WORKDIR /var/lib/mailproc
+VOLUME ["/var/lib/mailproc"]
+EXPOSE 2525
+
+# Until the web endpoint exists, healthy means the SMTP listener greets.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import os, smtplib; port = int(os.environ['MAILPROC_SMTP_LISTEN'].rsplit(':', 1)[1]); smtplib.SMTP('127.0.0.1', port, timeout=4).quit()"]
+
+STOPSIGNAL SIGTERM
+CMD ["mailproc", "serve"]
