@@ -46,6 +46,10 @@ def normalize_address(address: str) -> str:
     """The comparable form of ``local@domain``; raises AddressError for anything else."""
     if _CONTROL.search(address):
         raise AddressError(f"invalid address {address!r}: whitespace or control character")
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AddressError(f"invalid address {address!r}: not valid UTF-8") from None
     local, sep, domain = address.rpartition("@")
     if not sep or not local:
         raise AddressError(f"invalid address {address!r}: expected local@domain")

@@ -138,11 +138,10 @@ class Handler:
             return SHUTTING_DOWN
         if _ENVELOPE_CONTROL.search(address) or len(address) > 254:
             return "553 5.1.7 Bad sender address syntax"
-        if "@" in address:
-            try:
-                address.encode("utf-8")
-            except UnicodeEncodeError:
-                return "553 5.1.7 Bad sender address syntax"
+        try:
+            address.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes kept by aiosmtpd as surrogates
+            return "553 5.1.7 Bad sender address syntax"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
@@ -158,7 +157,7 @@ class Handler:
         try:
             normalized = normalize_address(address)
         except AddressError:
-            return f"550 5.1.3 <{address}>: bad recipient address syntax"
+            return "550 5.1.3 Bad recipient address syntax"
         if normalized not in self.support:
             return f"550 5.1.1 <{address}>: recipient not handled here"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:

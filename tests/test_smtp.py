@@ -209,6 +209,20 @@ def _read_replies(sock: socket.socket, count: int) -> list[str]:
     return lines
 
 
+def test_undecodable_envelope_addresses_get_5xx_not_451(app: AppThread) -> None:
+    sock = _raw_session(app.port)
+    try:
+        _command(sock, "EHLO client.example.org")
+        sock.sendall(b"MAIL FROM:<al\xffice@example.org> SMTPUTF8\r\n")
+        assert _read_replies(sock, 1)[0].startswith("553 5.1.7")
+        assert _command(sock, "MAIL FROM:<alice@example.org>")[0].startswith("250")
+        sock.sendall(b"RCPT TO:<supp\xffort@example.com>\r\n")
+        assert _read_replies(sock, 1)[0].startswith("550 5.1.3")
+        assert _command(sock, f"RCPT TO:<{SUPPORT}>")[0].startswith("250")
+    finally:
+        sock.close()
+
+
 def test_xforward_from_trusted_proxy_is_recorded_as_the_client(database_url: str) -> None:
     with AppThread.running(database_url, smtp={"trusted_proxies": ["127.0.0.0/8"]}) as app:
         with smtplib.SMTP("127.0.0.1", app.port) as client:
