@@ -18,6 +18,9 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _CONTROL = re.compile(r"[\x00-\x20\x7f]")
+# Controls, format characters (bidi overrides, zero-width), separators, surrogates, private use
+# and unassigned code points: nothing a person could read back from a screen.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"})
 
 
 class AddressError(ValueError):
@@ -55,5 +58,9 @@ def normalize_address(address: str) -> str:
         raise AddressError(f"invalid address {address!r}: expected local@domain")
     if not _DOT_ATOM.fullmatch(local) or len(local.encode("utf-8")) > 64:
         raise AddressError(f"invalid address {address!r}: bad local part")
+    if not local.isascii() and any(
+        unicodedata.category(char) in _INVISIBLE for char in local if ord(char) > 0x7F
+    ):
+        raise AddressError(f"invalid address {address!r}: invisible or control character")
     local = local.lower() if local.isascii() else unicodedata.normalize("NFC", local)
     return f"{local}@{normalize_domain(domain)}"

@@ -106,6 +106,8 @@ def serve(ctx: Context) -> None:
 
     settings = ctx.settings
     _setup_logging(settings.logging.level)
+    for warning in settings.warnings:
+        logging.getLogger("mailproc.config").warning("%s", warning)
     with _user_errors():
         try:
             asyncio.run(App(settings).run_until_signalled())
@@ -122,7 +124,10 @@ def config_group() -> None:
 @pass_context
 def config_check(ctx: Context) -> None:
     """Validate the configuration and exit (0 if valid)."""
-    click.echo(f"configuration OK ({ctx.settings.source})")
+    settings = ctx.settings
+    for warning in settings.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    click.echo(f"configuration OK ({settings.source})")
 
 
 @main.group("db")

@@ -5,18 +5,19 @@ what is wrong, in one line."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import ssl
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from mailproc.addresses import AddressError, normalize_address
+from mailproc.addresses import AddressError, normalize_address, normalize_domain
 
 ENV_PREFIX = "MAILPROC_"
 CONFIG_ENV = "MAILPROC_CONFIG"
@@ -78,7 +79,7 @@ def _positive_int(value: Any) -> int:
 def _positive_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number, got {_type_name(value)}")
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"must be greater than 0, got {value}")
     return float(value)
 
@@ -93,10 +94,12 @@ def _one_of(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+def _list_of(item: Callable[[Any], Any], at_least: int = 0) -> Callable[[Any], tuple[Any, ...]]:
     def parse(value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list):
             raise ValueError(f"expected an array, got {_type_name(value)}")
+        if len(value) < at_least:
+            raise ValueError("must not be empty" if at_least == 1 else f"needs {at_least} items")
         parsed = []
         for index, element in enumerate(value):
             try:
@@ -125,6 +128,16 @@ def _address(value: Any) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _hostname(value: Any) -> str:
+    text = _str(value)
+    if not text:
+        return text
+    try:
+        return normalize_domain(text)
+    except AddressError as exc:
+        raise ValueError(f"expected a fully qualified host name: {exc}") from None
+
+
 def _network(value: Any) -> IPNetwork:
     text = _str(value)
     try:
@@ -145,7 +158,12 @@ def _database_url(value: Any) -> str:
         raise ValueError(
             f"unsupported database {url.get_backend_name()!r}: use sqlite or postgresql"
         )
-    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+    if url.get_backend_name() == "sqlite" and (
+        not url.database
+        or ":memory:" in url.database
+        or url.query.get("mode") == "memory"
+        or "mode=memory" in url.database
+    ):
         raise ValueError("an in-memory SQLite database would lose every message; give a file path")
     if url.get_backend_name() == "postgresql" and url.get_driver_name() not in ("psycopg",):
         raise ValueError('use the psycopg driver: "postgresql+psycopg://user@host/dbname"')
@@ -170,8 +188,10 @@ DEFAULT_LISTEN = ListenAddress("127.0.0.1", 2525)
 class SmtpSettings:
     listen: ListenAddress = _key(DEFAULT_LISTEN, _listen, "str")
     protocol: str = _key("smtp", _one_of("smtp", "lmtp"), "str")
-    hostname: str = _key("", _str, "str")
-    support_addresses: tuple[str, ...] = _key(("support@example.com",), _list_of(_address), "list")
+    hostname: str = _key("", _hostname, "str")
+    support_addresses: tuple[str, ...] = _key(
+        ("support@example.com",), _list_of(_address, at_least=1), "list"
+    )
     max_message_bytes: int = _key(10 * 1024 * 1024, _positive_int, "int")
     max_recipients: int = _key(50, _positive_int, "int")
     trusted_proxies: tuple[IPNetwork, ...] = _key((), _list_of(_network), "list")
@@ -209,12 +229,20 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
+    # Where each explicitly set "section.key" came from, for error messages.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Things worth telling the operator that do not stop mailproc.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def where(self, section: str, key: str) -> str:
+        """The source of a key, as error messages name it."""
+        return self.origins.get(f"{section}.{key}", f"{self.source}: [{section}] {key}")
 
 
-_SECTIONS: dict[str, type[Any]] = {
+SECTIONS: dict[str, type[Any]] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in fields(Settings)
-    if f.name != "source"
+    if f.init and f.default_factory is not MISSING and f.name != "origins"
 }
 
 
@@ -231,7 +259,12 @@ def _env_value(text: str, kind: str) -> Any:
 
 
 def _build(
-    section: str, cls: type[Any], raw: Mapping[str, Any], source: str, env: Mapping[str, str]
+    section: str,
+    cls: type[Any],
+    raw: Mapping[str, Any],
+    source: str,
+    env: Mapping[str, str],
+    origins: dict[str, str],
 ) -> Any:
     keys = {f.name: f.metadata["key"] for f in fields(cls)}
     for name in raw:
@@ -247,6 +280,7 @@ def _build(
             where, value = f"{source}: [{section}] {name}", raw[name]
         else:
             continue
+        origins[f"{section}.{name}"] = where
         try:
             values[name] = spec.parse(value)
         except ValueError as exc:
@@ -254,28 +288,37 @@ def _build(
     return cls(**values)
 
 
-def _check_env_names(env: Mapping[str, str]) -> None:
-    for name in env:
+def _check_env_names(env: Mapping[str, str]) -> list[str]:
+    """Errors for unknown keys of known sections; warnings for other MAILPROC_* names, which
+    may belong to something else (a container platform's service variables, say)."""
+    warnings = []
+    for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
-        for section, cls in _SECTIONS.items():
+        for section, cls in SECTIONS.items():
             if rest.startswith(section + "_"):
                 key = rest[len(section) + 1 :]
                 if key not in {f.name for f in fields(cls)}:
                     raise ConfigError(f"environment {name}: unknown key [{section}] {key}")
+                break
+        else:
+            warnings.append(
+                f"environment {name}: ignored, not a setting (MAILPROC_<SECTION>_<KEY> with "
+                f"a section among {', '.join(SECTIONS)})"
+            )
+    return warnings
 
 
 def _cross_checks(settings: Settings) -> None:
     smtp = settings.smtp
     if bool(smtp.tls_cert_file) != bool(smtp.tls_key_file):
-        raise ConfigError(
-            f"{settings.source}: [smtp] tls_key_file: tls_cert_file and tls_key_file "
-            "must be set together"
-        )
+        missing = "tls_key_file" if smtp.tls_cert_file else "tls_cert_file"
+        given = "tls_cert_file" if smtp.tls_cert_file else "tls_key_file"
+        raise ConfigError(f"{settings.where('smtp', given)}: needs {missing} too (both or neither)")
     if smtp.require_starttls and not smtp.tls_cert_file:
         raise ConfigError(
-            f"{settings.source}: [smtp] require_starttls: needs tls_cert_file and tls_key_file"
+            f"{settings.where('smtp', 'require_starttls')}: needs tls_cert_file and tls_key_file"
         )
     if smtp.tls_cert_file:
         try:
@@ -284,11 +327,9 @@ def _cross_checks(settings: Settings) -> None:
             )
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError(
-                f"{settings.source}: [smtp] tls_cert_file: cannot load the certificate and key: "
-                f"{exc.strerror or exc}"
+                f"{settings.where('smtp', 'tls_cert_file')}: cannot load the certificate and "
+                f"key: {exc.strerror or exc}"
             ) from None
-    if not smtp.support_addresses:
-        raise ConfigError(f"{settings.source}: [smtp] support_addresses: must not be empty")
 
 
 def parse_settings(
@@ -297,18 +338,19 @@ def parse_settings(
     """Validate already-parsed TOML data (and the environment) into Settings."""
     env = dict(os.environ) if env is None else env
     for section, value in data.items():
-        if section not in _SECTIONS:
+        if section not in SECTIONS:
             raise ConfigError(
-                f"{source}: [{section}]: unknown section (known: {', '.join(_SECTIONS)})"
+                f"{source}: [{section}]: unknown section (known: {', '.join(SECTIONS)})"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {section}: expected a [{section}] table")
-    _check_env_names(env)
+    warnings = _check_env_names(env)
+    origins: dict[str, str] = {}
     built = {
-        section: _build(section, cls, data.get(section, {}), source, env)
-        for section, cls in _SECTIONS.items()
+        section: _build(section, cls, data.get(section, {}), source, env, origins)
+        for section, cls in SECTIONS.items()
     }
-    settings = Settings(**built, source=source)
+    settings = Settings(**built, source=source, origins=origins, warnings=tuple(warnings))
     _cross_checks(settings)
     return settings
 

@@ -40,7 +40,7 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 # A lone "." line where one of the line breaks around it is not CRLF: a receiver that accepts
 # bare LF or CR as line ends would see the end of DATA here (SMTP smuggling).
-_SMUGGLING = re.compile(rb"(?:(?<!\r)\n|\r(?!\n)|^)\.(?:\n|\r(?!\n))|(?:(?<!\r)\n|\r(?!\n))\.\r\n")
+_SMUGGLING = re.compile(rb"(?:^|[\r\n])\.(?:\n|\r(?!\n))|(?:(?<!\r)\n|\r(?!\n))\.\r\n")
 
 
 def wire_flags(raw: bytes) -> list[str]:

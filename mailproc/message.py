@@ -29,6 +29,10 @@ SINGLE_USE = (
     "mime-version",
 )
 TEXT_BODY_LIMIT = 20_000
+# Longer values are not handed to the email package's structured parsers, whose cost grows
+# faster than linearly with the input: a defect, not a stalled worker.
+STRUCTURED_HEADER_LIMIT = 4096
+MIME_HEADER_LIMIT = 16384
 
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
 _NAME_THEN_SPACE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]+:")
@@ -97,7 +101,8 @@ def _header_fields(head: bytes, defects: list[str]) -> list[Header]:
     def finish() -> None:
         if current is not None:
             name = current[0].decode("ascii")
-            value = _decode(b"\r\n".join(current[1]), name, defects)
+            # Unfolding (RFC 5322 2.2.3): the CRLF before folding whitespace goes away.
+            value = _decode(b"".join(current[1]), name, defects)
             headers.append(Header(name, value.strip(" \t")))
 
     for line in head.split(b"\r\n")[:-1] if head.endswith(b"\r\n") else head.split(b"\r\n"):
@@ -134,9 +139,12 @@ def _from_fields(parsed: ParsedMessage) -> None:
         parsed.defects.append("no_from_header" if not values else "multiple_from_headers")
         return
     parsed.from_header = values[0]
+    if len(values[0]) > STRUCTURED_HEADER_LIMIT:
+        parsed.defects.append("header_too_long:from")
+        return
     try:
         header = policy.default.header_factory("From", values[0])
-    except (HeaderParseError, IndexError, ValueError, TypeError):
+    except (HeaderParseError, IndexError, ValueError, TypeError, RecursionError):
         parsed.defects.append("unparseable_from")
         return
     groups = getattr(header, "groups", ())
@@ -153,17 +161,33 @@ def _from_fields(parsed: ParsedMessage) -> None:
 
 
 def _text_body(raw: bytes, parsed: ParsedMessage) -> None:
+    oversized = [h.name for h in parsed.headers if len(h.value) > MIME_HEADER_LIMIT]
+    if oversized:
+        parsed.defects.extend(f"header_too_long:{name.lower()}" for name in oversized)
+        return
     try:
         message = BytesParser(policy=policy.default).parsebytes(raw)
         assert isinstance(message, EmailMessage)
-        for defect in message.defects:
-            parsed.defects.append(f"mime_{type(defect).__name__}")
         part = message.get_body(preferencelist=("plain",))
         if part is not None:
             content = part.get_content()
             if isinstance(content, str):
                 parsed.text_body = content[:TEXT_BODY_LIMIT]
-    except (MessageError, LookupError, UnicodeError, ValueError, AttributeError, TypeError):
+        # Collected after decoding: get_content() adds what it finds (bad base64, say).
+        for sub_part in message.walk():
+            for defect in sub_part.defects:
+                name = f"mime_{type(defect).__name__}"
+                if name not in parsed.defects:
+                    parsed.defects.append(name)
+    except (
+        MessageError,
+        LookupError,
+        UnicodeError,
+        ValueError,
+        AttributeError,
+        TypeError,
+        RecursionError,
+    ):
         parsed.defects.append("undecodable_body")
 
 
