@@ -26,11 +26,7 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.database = db.Database(settings.database.url)
-        self.messages = MessageService(
-            self.database,
-            lease_seconds=settings.worker.lease_seconds,
-            max_attempts=settings.worker.max_attempts,
-        )
+        self.messages = MessageService.from_settings(self.database, settings)
         self.worker = Worker(self.messages, settings.worker.poll_interval_seconds)
         self.intake = GroupCommitter(self.messages.store_batch, on_commit=self.worker.wake)
         self.connections = Connections(limit=settings.smtp.max_sessions)

@@ -14,8 +14,9 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailproc import __version__, db
+from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
-from mailproc.models import Message, MessageState
+from mailproc.models import Message, MessageState, utcnow
 from mailproc.services import InvalidState, MessageService, NotFound
 
 EX_CONFIG = 78
@@ -63,8 +64,7 @@ class Context:
             self._database.dispose()
 
     def messages(self) -> MessageService:
-        worker = self.settings.worker
-        return MessageService(self.database(), worker.lease_seconds, worker.max_attempts)
+        return MessageService.from_settings(self.database(), self.settings)
 
 
 pass_context = click.make_pass_decorator(Context)
@@ -113,6 +113,89 @@ def serve(ctx: Context) -> None:
             asyncio.run(App(settings).run_until_signalled())
         except ListenError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+EX_NOT_AUTHENTICATED = 1
+EX_TEMPFAIL = 75
+
+
+def print_verdict(verdict: Verdict) -> None:
+    state = "authenticated" if verdict.authenticated else "NOT authenticated"
+    click.echo(f"{verdict.from_address or '(no single author)'}: {state} ({verdict.strength})")
+    click.echo(
+        f"alignment: {verdict.alignment}; organizational domain: "
+        f"{verdict.organizational_domain or '-'}"
+    )
+    for d in verdict.dkim:
+        flag = "counts" if d.counts else "does not count"
+        click.echo(
+            f"dkim: d={d.domain} s={d.selector} a={d.algorithm} bits={d.key_bits} "
+            f"{d.result}, {'aligned' if d.aligned else 'not aligned'}: {flag}"
+        )
+        for reason in d.reasons:
+            click.echo(f"  - {reason}")
+    if not verdict.dkim:
+        click.echo("dkim: no signature")
+    if verdict.spf is not None:
+        spf = verdict.spf
+        click.echo(
+            f"spf: {spf.result} for {spf.identity or '<>'} from {spf.client_ip or '-'}"
+            f"{', aligned' if spf.aligned else ''} ({spf.explanation})"
+        )
+    for upstream in verdict.upstream:
+        trust = "trusted" if upstream.trusted else "ignored"
+        click.echo(
+            f"authentication-results {upstream.authserv_id or '?'}: {trust} ({upstream.reason})"
+        )
+    if verdict.arc is not None and verdict.arc.result != "none":
+        click.echo(
+            f"arc: {verdict.arc.result} sealers={','.join(verdict.arc.sealers)} "
+            f"({verdict.arc.reason})"
+        )
+    if verdict.dmarc:
+        click.echo(
+            f"dmarc record ({verdict.dmarc.get('domain')}): {verdict.dmarc.get('record') or 'none'}"
+        )
+    for reason in verdict.reasons:
+        click.echo(f"reason: {reason}")
+    for error in verdict.temporary_errors:
+        click.echo(f"temporary: {error}")
+
+
+@main.command()
+@click.argument("message_file", type=click.File("rb"))
+@click.option("--client-ip", help="The connecting client's IP address, for SPF.")
+@click.option("--mail-from", default="", help="The SMTP MAIL FROM address, for SPF.")
+@click.option("--helo", help="The client's HELO name.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def check(
+    ctx: Context,
+    message_file: Any,
+    client_ip: str | None,
+    mail_from: str,
+    helo: str | None,
+    as_json: bool,
+) -> None:
+    """Authenticate MESSAGE_FILE (.eml) and explain the verdict, without storing anything.
+
+    Exit status: 0 authenticated, 1 not authenticated, 75 temporary DNS trouble."""
+    settings = ctx.settings
+    raw = message_file.read()
+    authenticator = Authenticator(settings.auth, settings.dns)
+    verdict = authenticator.evaluate(raw, Envelope(client_ip, mail_from, helo), utcnow())
+    if as_json:
+        click.echo(json.dumps(verdict.to_dict(), indent=2))
+    else:
+        print_verdict(verdict)
+    if verdict.temporary:
+        ctx_exit(EX_TEMPFAIL)
+    if not verdict.authenticated:
+        ctx_exit(EX_NOT_AUTHENTICATED)
+
+
+def ctx_exit(code: int) -> None:
+    raise click.exceptions.Exit(code)
 
 
 @main.group("config")
@@ -172,6 +255,8 @@ def message_dict(message: Message, *, full: bool = False) -> dict[str, Any]:
         "size": message.size,
         "intake_flags": message.intake_flags,
         "subject": (message.parsed or {}).get("subject"),
+        "authenticated": message.authenticated,
+        "auth_strength": message.auth_strength,
         "error": message.error,
     }
     if full:
@@ -189,6 +274,11 @@ def message_dict(message: Message, *, full: bool = False) -> dict[str, Any]:
             attempts=message.attempts,
             processed_at=message.processed_at.isoformat() if message.processed_at else None,
             parsed=message.parsed,
+            deferrals=message.deferrals,
+            next_attempt_at=message.next_attempt_at.isoformat()
+            if message.next_attempt_at
+            else None,
+            verdict=message.verdict,
         )
     return data
 
@@ -239,11 +329,14 @@ def messages_show(ctx: Context, message_id: int, as_json: bool, raw: bool) -> No
         click.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
-        if key == "parsed":
+        if key in ("parsed", "verdict"):
             continue
         click.echo(f"{key + ':':<18}{'' if value is None else value}")
     parsed = message.parsed or {}
     click.echo(f"{'defects:':<18}{', '.join(parsed.get('defects') or []) or 'none'}")
+    verdict = message.verdict or {}
+    for reason in verdict.get("reasons") or []:
+        click.echo(f"{'auth reason:':<18}{reason}")
     if parsed.get("text_body"):
         click.echo("\n" + parsed["text_body"])
 

@@ -217,6 +217,55 @@ class WorkerSettings:
     max_attempts: int = _key(5, _positive_int, "int")
 
 
+def _nameserver(value: Any) -> str:
+    text = _str(value)
+    host, port = text, ""
+    if text.startswith("[") and "]:" in text:
+        host, port = text[1:].split("]:", 1)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f'expected an IP address, optionally with ":port", got {text!r}') from None
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad port in {text!r}")
+    return text
+
+
+def _domain_name(value: Any) -> str:
+    try:
+        return normalize_domain(_str(value))
+    except AddressError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _authserv_id(value: Any) -> str:
+    text = _str(value).strip().lower()
+    if not text or any(ch.isspace() or ord(ch) < 0x21 for ch in text):
+        raise ValueError(f"expected an authserv-id such as mx.example.com, got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: tuple[str, ...] = _key((), _list_of(_nameserver), "list")
+    timeout_seconds: float = _key(5.0, _positive_float, "float")
+    cache_size: int = _key(10000, _positive_int, "int")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    alignment: str = _key("strict", _one_of("strict", "relaxed"), "str")
+    trusted_authserv_ids: tuple[str, ...] = _key((), _list_of(_authserv_id), "list")
+    trusted_arc_sealers: tuple[str, ...] = _key((), _list_of(_domain_name), "list")
+    max_signatures: int = _key(5, _positive_int, "int")
+    min_rsa_bits: int = _key(1024, _positive_int, "int")
+    max_age_hours: float = _key(72.0, _positive_float, "float")
+    max_clock_skew_minutes: float = _key(15.0, _positive_float, "float")
+    retry_max_minutes: float = _key(60.0, _positive_float, "float")
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = _key("info", _log_level, "str")
@@ -227,6 +276,8 @@ class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
@@ -319,6 +370,11 @@ def _cross_checks(settings: Settings) -> None:
     if smtp.require_starttls and not smtp.tls_cert_file:
         raise ConfigError(
             f"{settings.where('smtp', 'require_starttls')}: needs tls_cert_file and tls_key_file"
+        )
+    if settings.auth.min_rsa_bits < 1024:
+        raise ConfigError(
+            f"{settings.where('auth', 'min_rsa_bits')}: RFC 8301 forbids accepting RSA keys "
+            "shorter than 1024 bits"
         )
     if smtp.tls_cert_file:
         try:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     Enum,
+    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -76,6 +77,8 @@ class MessageState(enum.StrEnum):
 
     RECEIVED = "received"
     PROCESSING = "processing"
+    # Waiting on DNS: evaluated again at ``next_attempt_at``.
+    DEFERRED = "deferred"
     PROCESSED = "processed"
     FAILED = "failed"
 
@@ -117,7 +120,12 @@ class Message(Base):
     # Wire-level findings (bare CR/LF, NUL, smuggling sequences); never "fixed" in ``raw``.
     intake_flags: Mapped[list[str]] = mapped_column(JSONData)
     parsed: Mapped[dict[str, Any] | None]
+    verdict: Mapped[dict[str, Any] | None]
+    authenticated: Mapped[bool | None]
+    auth_strength: Mapped[str | None] = mapped_column(String(8))
     attempts: Mapped[int] = mapped_column(default=0)
+    deferrals: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None]
@@ -125,3 +133,14 @@ class Message(Base):
     updated_at: Mapped[datetime]
 
     __table_args__ = (Index("ix_message_state_id", "state", "id"),)
+
+
+class ReplayKey(Base):
+    """A DKIM signature or Message-ID already seen: the same again is a replay."""
+
+    __tablename__ = "replay_key"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    message_id: Mapped[int] = mapped_column(BigID, ForeignKey("message.id", ondelete="CASCADE"))
+    seen_at: Mapped[datetime]

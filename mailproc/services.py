@@ -7,16 +7,20 @@ import logging
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.orm import defer
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, defer
 
+from mailproc.auth import Authenticator, Envelope, Strength, Verdict
+from mailproc.config import Settings
 from mailproc.db import Database
 from mailproc.intake import Arrival, wire_flags
 from mailproc.message import parse_message
-from mailproc.models import Message, MessageState, utcnow
+from mailproc.models import Message, MessageState, ReplayKey, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +41,30 @@ class Claim:
 
 
 class MessageService:
-    def __init__(self, database: Database, lease_seconds: float = 60, max_attempts: int = 5):
+    def __init__(
+        self,
+        database: Database,
+        authenticator: Authenticator,
+        lease_seconds: float = 60,
+        max_attempts: int = 5,
+        retry_max_minutes: float = 60,
+    ):
         self.db = database
+        self.authenticator = authenticator
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
+        self.retry_base = timedelta(minutes=1)
+        self.retry_max = timedelta(minutes=retry_max_minutes)
+
+    @classmethod
+    def from_settings(cls, database: Database, settings: Settings) -> MessageService:
+        return cls(
+            database,
+            Authenticator(settings.auth, settings.dns),
+            lease_seconds=settings.worker.lease_seconds,
+            max_attempts=settings.worker.max_attempts,
+            retry_max_minutes=settings.auth.retry_max_minutes,
+        )
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -97,6 +121,10 @@ class MessageService:
                         Message.state == MessageState.PROCESSING,
                         Message.lease_expires_at < now,
                     ),
+                    and_(
+                        Message.state == MessageState.DEFERRED,
+                        Message.next_attempt_at <= now,
+                    ),
                 )
             )
             .order_by(Message.id)
@@ -139,44 +167,111 @@ class MessageService:
             return None, True
 
     def process(self, claim: Claim) -> MessageState | None:
-        """Process a claimed message; returns its new state, or None if the claim was lost."""
+        """Parse and authenticate a claimed message; returns its new state, or None if the
+        claim was lost."""
         with self.db.reading() as session:
-            raw = session.scalar(select(Message.raw).where(Message.id == claim.message_id))
-        if raw is None:
-            raise NotFound(f"message {claim.message_id} not found")
+            message = session.get(Message, claim.message_id)
+            if message is None:
+                raise NotFound(f"message {claim.message_id} not found")
+            raw = message.raw
+            envelope = Envelope(message.client_ip, message.mail_from, message.client_helo)
+            deferrals = message.deferrals
+        now = utcnow()
         values: dict[str, Any]
+        verdict: Verdict | None = None
         try:
             parsed = parse_message(raw)
+            verdict = self.authenticator.evaluate(raw, envelope, now, parsed)
         except Exception as exc:
             log.exception("message %d failed in processing", claim.message_id)
             summary = "".join(traceback.format_exception_only(exc)).strip()
             values = {"state": MessageState.FAILED, "error": summary}
         else:
-            values = {
-                "state": MessageState.PROCESSED,
-                "parsed": parsed.summary(),
-                "error": None,
-                "processed_at": utcnow(),
-            }
+            values = {"parsed": parsed.summary(), "error": None}
+            if verdict.temporary:
+                delay = min(self.retry_max, self.retry_base * (2**deferrals))
+                values |= {
+                    "state": MessageState.DEFERRED,
+                    "deferrals": deferrals + 1,
+                    "next_attempt_at": now + delay,
+                    "attempts": 0,
+                }
+            else:
+                values |= {
+                    "state": MessageState.PROCESSED,
+                    "processed_at": now,
+                    "next_attempt_at": None,
+                }
         with self.db.writing() as session:
+            row = session.get(Message, claim.message_id, with_for_update=True)
             # Only the holder of the claim may finish it: after a lease ran out and another
             # worker took the message over, the late one's result is dropped, not doubled.
-            result = session.execute(
-                update(Message)
-                .where(
-                    Message.id == claim.message_id,
-                    Message.state == MessageState.PROCESSING,
-                    Message.claimed_by == claim.worker_id,
-                    Message.attempts == claim.attempts,
-                )
-                .values(**values, claimed_by=None, lease_expires_at=None, updated_at=utcnow())
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if (
+                row is None
+                or row.state != MessageState.PROCESSING
+                or row.claimed_by != claim.worker_id
+                or row.attempts != claim.attempts
+            ):
                 log.warning("message %d: claim lost before it was finished", claim.message_id)
                 return None
+            if verdict is not None and values["state"] == MessageState.PROCESSED:
+                self._check_replays(session, row.id, verdict, now)
+            if verdict is not None:
+                values |= {
+                    "verdict": verdict.to_dict(),
+                    "authenticated": verdict.authenticated,
+                    "auth_strength": verdict.strength.value,
+                }
+            for key, value in values.items():
+                setattr(row, key, value)
+            row.claimed_by = None
+            row.lease_expires_at = None
+            row.updated_at = utcnow()
         state = MessageState(values["state"])
-        log.info("message %d %s (attempt %d)", claim.message_id, state.value, claim.attempts)
+        log.info(
+            "message %d %s (attempt %d)%s",
+            claim.message_id,
+            state.value,
+            claim.attempts,
+            f": {verdict.strength.value}" if verdict is not None else "",
+        )
         return state
+
+    @staticmethod
+    def _check_replays(session: Session, message_id: int, verdict: Verdict, now: datetime) -> None:
+        """Record this message's DKIM signatures and Message-ID; if one was seen in another
+        message before, this one is a replay and not authenticated."""
+        keys = {
+            hashlib.sha256(f"dkim:{d.signature_hash}".encode()).hexdigest(): "dkim"
+            for d in verdict.dkim
+            if d.result == "pass" and d.signature_hash
+        }
+        if verdict.authenticated and verdict.message_id:
+            value = f"message-id:{verdict.message_id.strip().lower()}"
+            keys[hashlib.sha256(value.encode()).hexdigest()] = "message-id"
+        if not keys:
+            return
+        insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else pg_insert
+        session.execute(
+            insert(ReplayKey)
+            .values(
+                [
+                    {"key": key, "kind": kind, "message_id": message_id, "seen_at": now}
+                    for key, kind in keys.items()
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["key"])
+        )
+        earlier = session.execute(
+            select(ReplayKey.kind, ReplayKey.message_id).where(
+                ReplayKey.key.in_(keys), ReplayKey.message_id != message_id
+            )
+        ).all()
+        for kind, other in earlier:
+            verdict.reasons.append(f"replay: {kind} already seen in message {other}")
+        if earlier:
+            verdict.authenticated = False
+            verdict.strength = Strength.NONE
 
     def process_next(self, worker_id: str) -> bool:
         claim = self.claim_next(worker_id)

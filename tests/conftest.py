@@ -17,6 +17,8 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from tests import support
+from tests.dnsserver import ZoneServer
 from tests.support import AppThread, ServerProcess, write_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +92,26 @@ class PostgresCluster:
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dns_server() -> Iterator[ZoneServer]:
+    """One authoritative DNS server on loopback for the whole suite."""
+    with ZoneServer(ttl=0, negative_ttl=0) as server:
+        support.TEST_DNS[:] = [server.address]
+        yield server
+        support.TEST_DNS.clear()
+
+
+@pytest.fixture
+def zone(dns_server: ZoneServer) -> Iterator[ZoneServer]:
+    """The suite's DNS server, emptied and without faults after the test."""
+    try:
+        yield dns_server
+    finally:
+        dns_server.clear()
+        dns_server.clear_faults()
+        dns_server.set_down(False)
 
 
 @pytest.fixture(scope="session")

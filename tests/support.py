@@ -27,6 +27,9 @@ from mailproc.db import Database
 from mailproc.models import Message, MessageState
 
 SUPPORT = "support@example.com"
+# The suite's DNS server on loopback (set by the session fixture in conftest): every config a
+# test writes resolves through it, so nothing is ever asked of the real DNS.
+TEST_DNS: list[str] = []
 
 
 def _toml_value(value: Any) -> str:
@@ -48,6 +51,7 @@ def config_text(database_url: str, port: int = 0, **sections: dict[str, Any]) ->
         "smtp": smtp,
         "database": {"url": database_url, **sections.pop("database", {})},
         "worker": {"poll_interval_seconds": 0.2, **sections.pop("worker", {})},
+        "dns": {"nameservers": list(TEST_DNS), "timeout_seconds": 0.5, **sections.pop("dns", {})},
         **sections,
     }
     lines = []

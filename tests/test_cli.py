@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mailproc import db
 from mailproc.cli import main
-from tests.support import make_message, wire, write_config
+from tests.support import make_message, settings_for, wire, write_config
 from tests.test_services import arrival
 
 
@@ -26,7 +26,7 @@ def seeded(config_file: Path, database_url: str, count: int = 2) -> list[int]:
 
     assert run(config_file, "db", "upgrade")[0] == 0
     database = db.Database(database_url)
-    service = MessageService(database)
+    service = MessageService.from_settings(database, settings_for(database_url))
     ids = service.store_batch(
         [arrival(wire(make_message(subject=f"subject {n}"))) for n in range(count)]
     )
@@ -80,7 +80,8 @@ def test_messages_show_raw_writes_the_exact_bytes(config_file: Path, database_ur
     assert run(config_file, "db", "upgrade")[0] == 0
     raw = wire(make_message(subject="exact")) + b"trailing bytes \xff\x00 kept\r\n"
     database = db.Database(database_url)
-    [message_id] = MessageService(database).store_batch([arrival(raw)])
+    service = MessageService.from_settings(database, settings_for(database_url))
+    [message_id] = service.store_batch([arrival(raw)])
     database.dispose()
     result = CliRunner().invoke(
         main, ["--config", str(config_file), "messages", "show", str(message_id), "--raw"]

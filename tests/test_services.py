@@ -13,14 +13,24 @@ from mailproc import db
 from mailproc.intake import Arrival
 from mailproc.models import MessageState, utcnow
 from mailproc.services import InvalidState, MessageService, NotFound
-from tests.support import SUPPORT, AppThread, make_message, send, stored_id, wait_for, wire
+from tests.support import (
+    SUPPORT,
+    AppThread,
+    make_message,
+    send,
+    settings_for,
+    stored_id,
+    wait_for,
+    wire,
+)
 
 
 @pytest.fixture
 def service(database_url: str) -> Iterator[MessageService]:
     database = db.Database(database_url)
     db.upgrade(database)
-    yield MessageService(database, lease_seconds=60, max_attempts=3)
+    settings = settings_for(database_url, worker={"lease_seconds": 60, "max_attempts": 3})
+    yield MessageService.from_settings(database, settings)
     database.dispose()
 
 

@@ -1,0 +1,91 @@
+"""DNS for every check (DKIM keys, SPF, DMARC): dnspython on the configured resolvers with a
+TTL-respecting cache, and a firm line between "there is no such record" and "we could not find
+out" (a timeout or SERVFAIL), which is temporary and never a verdict."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from mailproc.config import DnsSettings
+
+
+class TemporaryDNSError(Exception):
+    """A lookup that timed out or failed on the server's side: try again later."""
+
+
+def _nameserver(text: str) -> dns.nameserver.Nameserver:
+    host, port = text, 53
+    if text.startswith("[") and "]:" in text:
+        host, port_text = text[1:].split("]:", 1)
+        port = int(port_text)
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+        port = int(port_text)
+    return dns.nameserver.Do53Nameserver(str(ipaddress.ip_address(host)), port)
+
+
+class Resolver:
+    """Lookups for the checks. Each evaluation runs inside ``tracking()`` so that every
+    temporary failure it met is known, whichever library made the lookup."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+        if settings.nameservers:
+            resolver.nameservers = [_nameserver(ns) for ns in settings.nameservers]
+        resolver.timeout = settings.timeout_seconds
+        resolver.lifetime = settings.timeout_seconds
+        resolver.cache = dns.resolver.LRUCache(settings.cache_size)
+        self._resolver = resolver
+        self._local = threading.local()
+
+    @contextmanager
+    def tracking(self) -> Iterator[list[str]]:
+        """Collect the temporary failures of the lookups made inside the block."""
+        errors: list[str] = []
+        previous = getattr(self._local, "errors", None)
+        self._local.errors = errors
+        try:
+            yield errors
+        finally:
+            self._local.errors = previous
+
+    def current_errors(self) -> list[str]:
+        """The temporary failures noted so far in the current ``tracking()`` block."""
+        return list(getattr(self._local, "errors", None) or [])
+
+    def _note(self, message: str) -> None:
+        errors = getattr(self._local, "errors", None)
+        if errors is not None and message not in errors:
+            errors.append(message)
+
+    def query(self, name: str, rdtype: str) -> list[Any]:
+        """The records of ``name``; [] when there are none (NXDOMAIN or no data)."""
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            message = f"dns {rdtype} {name}: {type(exc).__name__}"
+            self._note(message)
+            raise TemporaryDNSError(message) from None
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
+            return []
+        except dns.exception.DNSException as exc:
+            message = f"dns {rdtype} {name}: {type(exc).__name__}"
+            self._note(message)
+            raise TemporaryDNSError(message) from None
+        return list(answer) if answer.rrset is not None else []
+
+    def txt(self, name: str) -> list[bytes]:
+        """Each TXT record of ``name`` as one string (its character-strings joined)."""
+        return [b"".join(record.strings) for record in self.query(name, "TXT")]
