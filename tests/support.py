@@ -174,9 +174,13 @@ class AppThread:
             self.loop.close()
 
     @classmethod
+    def from_sections(cls, database_url: str, **sections: dict[str, Any]) -> AppThread:
+        return cls(settings_for(database_url, **sections))
+
+    @classmethod
     @contextmanager
     def running(cls, database_url: str, **sections: dict[str, Any]) -> Iterator[AppThread]:
-        running = cls(settings_for(database_url, **sections))
+        running = cls.from_sections(database_url, **sections)
         running.start()
         try:
             yield running

@@ -145,10 +145,6 @@ def identify_author(parsed: ParsedMessage, wire_flags: list[str]) -> Author:
     except AddressError:
         reasons.append("from_invalid_address")
         return author
-    others = _email_package_addresses(value)
-    if others is None or len(others) != 1 or others[0].lower() != addr_spec.lower():
-        reasons.append("from_parsers_disagree")
-        return author
     name = _display_name(display, reasons)
     for shown in _ADDRESS_IN_TEXT.findall(name):
         try:
@@ -158,6 +154,10 @@ def identify_author(parsed: ParsedMessage, wire_flags: list[str]) -> Author:
         except AddressError:
             reasons.append("from_display_name_shows_another_address")
             break
+    others = _email_package_addresses(value)
+    if others is None or len(others) != 1 or others[0].lower() != addr_spec.lower():
+        reasons.append("from_parsers_disagree")
+        return author
     author.address = address
     author.domain = address.rpartition("@")[2]
     author.display_name = name or None
