@@ -13,6 +13,8 @@ from mailproc import db
 from mailproc.intake import Arrival
 from mailproc.models import MessageState, utcnow
 from mailproc.services import InvalidState, MessageService, NotFound
+from tests.dkimkeys import build_message, publish, rsa_key, sign
+from tests.dnsserver import ZoneServer
 from tests.support import (
     SUPPORT,
     AppThread,
@@ -172,3 +174,47 @@ def test_worker_in_the_service_processes_what_smtp_stored(
         app.app.messages.retry(message_id)
         app.app.worker.wake()
         assert wait_for(lambda: app.app.messages.get(message_id).state == MessageState.PROCESSED)
+
+
+def test_replayed_signature_is_caught_on_every_backend(database_url: str, zone: ZoneServer) -> None:
+    key = rsa_key(1024, selector="replay")
+    publish(zone, key)
+    database = db.Database(database_url)
+    db.upgrade(database)
+    try:
+        service = MessageService.from_settings(database, settings_for(database_url))
+        raw = sign(build_message(), key)
+        first, second = service.store_batch([arrival(raw), arrival(raw)])
+        while service.process_next("w"):
+            pass
+        original, replay = service.get(first), service.get(second)
+        assert original.authenticated is True
+        assert original.auth_strength == "strong"
+        assert replay.authenticated is False
+        assert replay.verdict is not None
+        assert f"replay: dkim already seen in message {first}" in replay.verdict["reasons"]
+    finally:
+        database.dispose()
+
+
+def test_dns_outage_defers_with_backoff_on_every_backend(
+    database_url: str, zone: ZoneServer
+) -> None:
+    key = rsa_key(1024, selector="outage")
+    publish(zone, key)
+    zone.set_down(True)
+    database = db.Database(database_url)
+    db.upgrade(database)
+    try:
+        service = MessageService.from_settings(database, settings_for(database_url))
+        [message_id] = service.store_batch([arrival(sign(build_message(), key))])
+        assert service.process_next("w") is True
+        deferred = service.get(message_id)
+        assert deferred.state == MessageState.DEFERRED
+        assert deferred.deferrals == 1
+        assert deferred.next_attempt_at is not None
+        assert deferred.next_attempt_at > utcnow()
+        # Not due yet: nothing to claim.
+        assert service.claim_next("w") is None
+    finally:
+        database.dispose()
