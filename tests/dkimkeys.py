@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, parseaddr
 from typing import Any
 
-import dkim  # type: ignore[import-untyped]
+import dkim  # type: ignore[import-untyped, unused-ignore]
 import dns.exception
 import dns.resolver
 from cryptography.hazmat.primitives import serialization

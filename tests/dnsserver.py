@@ -9,18 +9,20 @@ records every query it received. `resolver()` returns a dnspython resolver point
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import select
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
 import dns.resolver
-from dnslib import (  # type: ignore[import-untyped]
+from dnslib import (  # type: ignore[import-untyped, unused-ignore]
     AAAA,
     CNAME,
     EDNS0,
@@ -37,7 +39,10 @@ from dnslib import (  # type: ignore[import-untyped]
     DNSLabel,
     DNSRecord,
 )
-from dnslib.server import DNSHandler, DNSServer  # type: ignore[import-untyped]
+from dnslib.server import (  # type: ignore[import-untyped, unused-ignore]
+    DNSHandler,
+    DNSServer,
+)
 
 __all__ = ["ZoneServer"]
 
@@ -114,14 +119,14 @@ class _Handler(DNSHandler):  # type: ignore[misc]
     def handle(self) -> None:
         tcp = self.server.socket_type == socket.SOCK_STREAM
         self.protocol = "tcp" if tcp else "udp"
-        data = self._read_tcp() if tcp else self.request[0]
+        zone: ZoneServer = self.server.resolver
+        data = self._read_tcp(zone._stopping) if tcp else self.request[0]
         if data is None:
             return
         try:
             request = DNSRecord.parse(data)
         except DNSError:
             return  # not DNS: ignore it, like a real server
-        zone: ZoneServer = self.server.resolver
         reply = zone.resolve(request, self)
         if reply is None:
             if tcp:
@@ -129,11 +134,14 @@ class _Handler(DNSHandler):  # type: ignore[misc]
             return
         packed = reply.pack()
         if tcp:
-            self.request.sendall(len(packed).to_bytes(2, "big") + packed)
+            self.request.settimeout(2.0)
+            with contextlib.suppress(OSError):  # the client went away
+                self.request.sendall(len(packed).to_bytes(2, "big") + packed)
             return
         limit = _PLAIN_UDP_LIMIT
-        if any(rr.rtype == QTYPE.OPT for rr in request.ar):
-            limit = _EDNS_UDP_LIMIT
+        for rr in request.ar:
+            if rr.rtype == QTYPE.OPT:  # EDNS: the client's buffer size, within our cap
+                limit = max(_PLAIN_UDP_LIMIT, min(int(rr.rclass), _EDNS_UDP_LIMIT))
         if len(packed) > limit:
             truncated = DNSRecord(DNSHeader(id=reply.header.id, bitmap=reply.header.bitmap))
             truncated.add_question(request.q)
@@ -141,18 +149,24 @@ class _Handler(DNSHandler):  # type: ignore[misc]
             packed = truncated.pack()
         self.request[1].sendto(packed, self.client_address)
 
-    def _read_tcp(self) -> bytes | None:
+    def _read_tcp(self, stopping: threading.Event) -> bytes | None:
+        """One length-prefixed query; gives up after 5 s of silence or when we stop."""
         sock: socket.socket = self.request
-        sock.settimeout(2.0)
+        sock.settimeout(_POLL)
         data = b""
-        try:
-            while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+        deadline = time.monotonic() + 5.0
+        while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+            if stopping.is_set() or time.monotonic() > deadline:
+                return None
+            try:
                 chunk = sock.recv(8192)
-                if not chunk:
-                    return None
-                data += chunk
-        except OSError:
-            return None
+            except TimeoutError:
+                continue
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
         return data[2 : 2 + int.from_bytes(data[:2], "big")]
 
     def _hold_tcp(self, stopping: threading.Event) -> None:

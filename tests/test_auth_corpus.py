@@ -146,8 +146,8 @@ def deliver(
 def all_reasons(row: Message) -> str:
     verdict = row.verdict or {}
     parts = list(verdict.get("reasons") or [])
-    for dkim in verdict.get("dkim") or []:
-        parts.extend(dkim.get("reasons") or [])
+    for signature in verdict.get("dkim") or []:
+        parts.extend(signature.get("reasons") or [])
     if verdict.get("spf"):
         parts.append(f"spf={verdict['spf']['result']}: {verdict['spf']['explanation']}")
     for upstream in verdict.get("upstream") or []:
@@ -487,13 +487,15 @@ def test_verdict_records_the_evidence(keys: Keys, strict_app: AppThread) -> None
     assert verdict["organizational_domain"] == "example.org"
     first, second = verdict["dkim"]
     assert (first["domain"], first["selector"], first["result"]) == ("evil.example", "evil", "pass")
-    assert first["aligned"] is False and first["counts"] is False
+    assert first["aligned"] is False
+    assert first["counts"] is False
     assert (second["domain"], second["selector"], second["algorithm"]) == (
         "example.org",
         "s2048",
         "rsa-sha256",
     )
-    assert second["key_bits"] == 2048 and second["counts"] is True
+    assert second["key_bits"] == 2048
+    assert second["counts"] is True
     assert "from" in second["signed_headers"]
     assert verdict["spf"]["result"] == "pass"
     assert verdict["spf"]["client_ip"] == CLIENT
