@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from functools import lru_cache
 
 import idna
 
@@ -27,6 +28,7 @@ class AddressError(ValueError):
     """An address that is not a plain ``local@domain`` mailbox we can compare."""
 
 
+@lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """Lowercase A-label form of a hostname; raises AddressError if it is not one."""
     if not domain or _CONTROL.search(domain):
