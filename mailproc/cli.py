@@ -283,6 +283,11 @@ def message_dict(message: Message, *, full: bool = False) -> dict[str, Any]:
     return data
 
 
+def _printable(text: str) -> str:
+    """One line of text a terminal shows as it is: control characters made visible."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
 def _run(call: Callable[[], T]) -> T:
     with _user_errors():
         return call()
@@ -303,12 +308,13 @@ def messages_list(ctx: Context, state: str | None, limit: int, as_json: bool) ->
     if not rows:
         click.echo("no messages")
         return
-    click.echo(f"{'ID':>8}  {'STATE':<10}  {'RECEIVED':<20}  {'FROM':<32}  SUBJECT")
+    click.echo(f"{'ID':>8}  {'STATE':<10}  {'RECEIVED':<19}  {'AUTH':<6}  {'FROM':<32}  SUBJECT")
     for m in rows:
-        subject = (m.parsed or {}).get("subject") or ""
+        subject = _printable((m.parsed or {}).get("subject") or "")
+        author = (m.verdict or {}).get("from") or m.mail_from or "<>"
         click.echo(
             f"{m.id:>8}  {m.state.value:<10}  {m.received_at:%Y-%m-%d %H:%M:%S}  "
-            f"{(m.mail_from or '<>')[:32]:<32}  {subject[:60]}"
+            f"{m.auth_strength or '-':<6}  {_printable(author)[:32]:<32}  {subject[:60]}"
         )
 
 
