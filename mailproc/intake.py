@@ -48,6 +48,11 @@ def wire_flags(raw: bytes) -> list[str]:
     flags = []
     if b"\x00" in raw:
         flags.append("nul_byte")
+    # Fast path: when every CR and LF belongs to a CRLF there is no bare line end and hence no
+    # smuggling sequence; the regexes below cost far more per message than this count.
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:
+        return flags
     if _BARE_LF.search(raw):
         flags.append("bare_lf")
     if _BARE_CR.search(raw):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
@@ -72,34 +72,35 @@ class MessageService:
         """Store arrivals in one transaction; returns their ids once committed."""
         now = utcnow()
         rows = [
-            Message(
-                state=MessageState.RECEIVED,
-                received_at=a.received_at,
-                protocol=a.protocol,
-                peer_ip=a.peer_ip,
-                peer_port=a.peer_port,
-                helo=a.helo,
-                client_ip=a.client_ip,
-                client_name=a.client_name,
-                client_helo=a.client_helo,
-                client_protocol=a.client_protocol,
-                xforward=a.xforward,
-                mail_from=a.mail_from,
-                rcpt_tos=list(a.rcpt_tos),
-                tls=a.tls,
-                size=len(a.raw),
-                sha256=hashlib.sha256(a.raw).hexdigest(),
-                raw=a.raw,
-                intake_flags=wire_flags(a.raw),
-                attempts=0,
-                updated_at=now,
-            )
+            {
+                "state": MessageState.RECEIVED,
+                "received_at": a.received_at,
+                "protocol": a.protocol,
+                "peer_ip": a.peer_ip,
+                "peer_port": a.peer_port,
+                "helo": a.helo,
+                "client_ip": a.client_ip,
+                "client_name": a.client_name,
+                "client_helo": a.client_helo,
+                "client_protocol": a.client_protocol,
+                "xforward": a.xforward,
+                "mail_from": a.mail_from,
+                "rcpt_tos": list(a.rcpt_tos),
+                "tls": a.tls,
+                "size": len(a.raw),
+                "sha256": hashlib.sha256(a.raw).hexdigest(),
+                "raw": a.raw,
+                "intake_flags": wire_flags(a.raw),
+                "attempts": 0,
+                "deferrals": 0,
+                "updated_at": now,
+            }
             for a in arrivals
         ]
+        # One INSERT ... RETURNING for the whole batch, without the ORM's unit of work.
+        statement = insert(Message).returning(Message.id, sort_by_parameter_order=True)
         with self.db.writing() as session:
-            session.add_all(rows)
-            session.flush()
-            return [row.id for row in rows]
+            return list(session.scalars(statement, rows))
 
     # -- processing -----------------------------------------------------------------------
 
