@@ -13,7 +13,7 @@ from mailproc.config import Settings
 from mailproc.intake import GroupCommitter
 from mailproc.services import MessageService
 from mailproc.smtp import Connections, protocol_factory
-from mailproc.worker import Worker
+from mailproc.worker import WorkerProcesses
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class App:
         self.settings = settings
         self.database = db.Database(settings.database.url)
         self.messages = MessageService.from_settings(self.database, settings)
-        self.worker = Worker(self.messages, settings.worker.poll_interval_seconds)
+        self.worker = WorkerProcesses(settings)
         self.intake = GroupCommitter(self.messages.store_batch, on_commit=self.worker.wake)
         self.connections = Connections(limit=settings.smtp.max_sessions)
         self.server: asyncio.Server | None = None
@@ -37,7 +37,6 @@ class App:
         if self.settings.database.migrate_on_start:
             await asyncio.to_thread(db.upgrade, self.database)
         self.intake.start()
-        self.worker.start()
         listen = self.settings.smtp.listen
         try:
             self.server = await asyncio.get_running_loop().create_server(
@@ -47,10 +46,11 @@ class App:
             )
         except OSError as exc:
             await self.intake.close()
-            await self.worker.stop()
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {listen}: {reason.lower()}") from exc
         self.smtp_port = self.server.sockets[0].getsockname()[1]
+        if self.worker.count:
+            self.worker.start()
         log.info(
             "mailproc %s listening on %s:%d (database %s)",
             self.settings.smtp.protocol.upper(),
@@ -67,7 +67,7 @@ class App:
             self.server.close()
         await self.connections.drain(self.settings.smtp.shutdown_grace_seconds)
         await self.intake.close()
-        await self.worker.stop()
+        await self.worker.stop(self.settings.smtp.shutdown_grace_seconds)
         self.database.dispose()
         log.info("stopped")
 

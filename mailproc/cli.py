@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from mailproc import __version__, db
 from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
+from mailproc.logs import setup_logging
 from mailproc.models import Message, MessageState, utcnow
 from mailproc.services import InvalidState, MessageService, NotFound
 
@@ -86,18 +88,6 @@ def main(ctx: click.Context, config_path: str | None) -> None:
     ctx.call_on_close(ctx.obj.close)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiosmtpd logs every command at INFO; that is debugging detail for us.
-    logging.getLogger("mail.log").setLevel(
-        max(logging.WARNING, logging.getLevelName(level.upper()))
-    )
-
-
 @main.command()
 @pass_context
 def serve(ctx: Context) -> None:
@@ -105,7 +95,7 @@ def serve(ctx: Context) -> None:
     from mailproc.app import App, ListenError
 
     settings = ctx.settings
-    _setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level)
     for warning in settings.warnings:
         logging.getLogger("mailproc.config").warning("%s", warning)
     with _user_errors():
@@ -196,6 +186,21 @@ def check(
 
 def ctx_exit(code: int) -> None:
     raise click.exceptions.Exit(code)
+
+
+@main.command()
+@pass_context
+def worker(ctx: Context) -> None:
+    """Run one worker in the foreground (more capacity next to, or apart from, `serve`)."""
+    from mailproc.worker import SPAWN, work
+
+    settings = ctx.settings
+    setup_logging(settings.logging.level)
+    wake, stop = SPAWN.Event(), SPAWN.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with _user_errors():
+        work(settings, wake, stop)
 
 
 @main.group("config")

@@ -210,8 +210,17 @@ class DatabaseSettings:
     migrate_on_start: bool = _key(True, _bool, "bool")
 
 
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_type_name(value)}")
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
+    processes: int = _key(1, _count, "int")
     poll_interval_seconds: float = _key(5.0, _positive_float, "float")
     lease_seconds: float = _key(60.0, _positive_float, "float")
     max_attempts: int = _key(5, _positive_int, "int")

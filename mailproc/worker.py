@@ -1,60 +1,137 @@
-"""The in-process worker: claims stored messages and processes them, one at a time."""
+"""Workers: processes that claim stored messages and process them, one at a time each.
+
+They run apart from the SMTP listener's process so that parsing and authentication never take
+the listener's interpreter lock: ``serve`` starts ``[worker] processes`` of them and restarts
+any that die; ``mailproc worker`` runs one in the foreground for scaling out. Workers share
+nothing but the database (claims with leases), so any number may run on any machine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
+import signal
 import socket
+import time
 import uuid
+from multiprocessing.context import SpawnProcess
+from multiprocessing.synchronize import Event
 
+from mailproc.config import Settings
+from mailproc.db import Database
+from mailproc.logs import setup_logging
 from mailproc.services import MessageService
 
 log = logging.getLogger(__name__)
+
+SPAWN = multiprocessing.get_context("spawn")
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-class Worker:
-    def __init__(self, service: MessageService, poll_interval: float, worker_id: str | None = None):
-        self.service = service
-        self.poll_interval = poll_interval
-        self.worker_id = worker_id or new_worker_id()
-        self._wakeup = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="worker")
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def stop(self) -> None:
-        """Finish the message in hand, then stop."""
-        self._stopping = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-
-    async def _run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
+def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = None) -> None:
+    """The worker loop: process messages until ``stop`` is set (finishing the one in hand), or
+    until the parent process is gone."""
+    database = Database(settings.database.url)
+    service = MessageService.from_settings(database, settings)
+    worker_id = new_worker_id()
+    # Without a parent to wake us, look again at least every second for a parent that died.
+    pause = min(settings.worker.poll_interval_seconds, 1.0)
+    log.info("worker %s started", worker_id)
+    try:
+        while not stop.is_set():
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("worker %s: the serving process is gone; stopping", worker_id)
+                break
+            wake.clear()
             try:
-                busy = await asyncio.to_thread(self.service.process_next, self.worker_id)
+                busy = service.process_next(worker_id)
             except Exception:
                 # The database is away or something failed outside one message: the message
                 # stays claimed until its lease runs out, then any worker takes it again.
-                log.exception("worker %s: could not process; retrying shortly", self.worker_id)
+                log.exception("worker %s: could not process; retrying shortly", worker_id)
                 busy = False
-            if busy:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self.poll_interval)
+                stop.wait(1.0)
+            if not busy:
+                wake.wait(pause)
+    finally:
+        database.dispose()
+        log.info("worker %s stopped", worker_id)
+
+
+def _child(settings: Settings, wake: Event, stop: Event, parent_pid: int) -> None:
+    setup_logging(settings.logging.level)
+    # The parent decides when we stop; a Ctrl-C in the terminal reaches us too, so ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    work(settings, wake, stop, parent_pid)
+
+
+class WorkerProcesses:
+    """The worker processes of one ``serve``: started, woken, restarted and stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.count = settings.worker.processes
+        self._wake = SPAWN.Event()
+        self._stop = SPAWN.Event()
+        self._processes: list[SpawnProcess] = []
+        self._supervisor: asyncio.Task[None] | None = None
+        self.restarts = 0
+
+    def _spawn(self) -> SpawnProcess:
+        process = SPAWN.Process(
+            target=_child,
+            args=(self.settings, self._wake, self._stop, os.getpid()),
+            name="mailproc-worker",
+            daemon=False,
+        )
+        process.start()
+        return process
+
+    def start(self) -> None:
+        self._processes = [self._spawn() for _ in range(self.count)]
+        self._supervisor = asyncio.create_task(self._supervise(), name="worker-supervisor")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> int:
+        return sum(process.is_alive() for process in self._processes)
+
+    async def _supervise(self) -> None:
+        delay = 1.0
+        while not self._stop.is_set():
+            await asyncio.sleep(delay)
+            for index, process in enumerate(self._processes):
+                if process.is_alive() or self._stop.is_set():
+                    continue
+                log.error(
+                    "worker process %s exited with %s; restarting", process.pid, process.exitcode
+                )
+                process.close()
+                self._processes[index] = self._spawn()
+                self.restarts += 1
+
+    async def stop(self, grace_seconds: float = 30.0) -> None:
+        """Let each worker finish the message in hand, then stop; kill those that do not."""
+        self._stop.set()
+        self._wake.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        deadline = time.monotonic() + grace_seconds
+        for process in self._processes:
+            await asyncio.to_thread(process.join, max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("worker process %s did not stop in time; killing it", process.pid)
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+            process.close()
+        self._processes = []

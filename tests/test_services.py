@@ -11,7 +11,7 @@ import pytest
 
 from mailproc import db
 from mailproc.intake import Arrival
-from mailproc.models import MessageState, utcnow
+from mailproc.models import Message, MessageState, utcnow
 from mailproc.services import InvalidState, MessageService, NotFound
 from tests.dkimkeys import build_message, publish, rsa_key, sign
 from tests.dnsserver import ZoneServer
@@ -159,20 +159,35 @@ def test_retry_refuses_messages_that_did_not_fail(service: MessageService) -> No
         service.retry(message_id + 1000)
 
 
-def test_worker_in_the_service_processes_what_smtp_stored(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+def test_worker_process_processes_what_smtp_stored_and_replays_on_retry(
+    database_url: str,
 ) -> None:
-    monkeypatch.setattr(
-        "mailproc.services.parse_message",
-        lambda raw: (_ for _ in ()).throw(ValueError("bad day")),
-    )
     with AppThread.running(database_url) as app:
+        assert app.app.worker.alive == 1
+        service = app.app.messages
         message_id = stored_id(send(app.port, make_message()))
-        failed = wait_for(lambda: app.app.messages.get(message_id).state == MessageState.FAILED)
-        assert failed
-        monkeypatch.undo()
-        app.app.messages.retry(message_id)
+        assert wait_for(lambda: service.get(message_id).state == MessageState.PROCESSED)
+        # As if processing had failed: retry hands it to the worker process again.
+        with service.db.writing() as session:
+            stored = session.get(Message, message_id)
+            assert stored is not None
+            stored.state = MessageState.FAILED
+            stored.error = "RuntimeError: simulated"
+        service.retry(message_id)
         app.app.worker.wake()
+        done = wait_for(
+            lambda: (m := service.get(message_id)).state == MessageState.PROCESSED and m
+        )
+        assert done.error is None
+
+
+def test_a_worker_process_that_dies_is_restarted(database_url: str) -> None:
+    with AppThread.running(database_url) as app:
+        workers = app.app.worker
+        [process] = workers._processes
+        process.kill()
+        wait_for(lambda: workers.restarts == 1 and workers.alive == 1, timeout=20)
+        message_id = stored_id(send(app.port, make_message()))
         assert wait_for(lambda: app.app.messages.get(message_id).state == MessageState.PROCESSED)
 
 
