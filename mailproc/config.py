@@ -218,9 +218,17 @@ def _count(value: Any) -> int:
     return value
 
 
+def _niceness(value: Any) -> int:
+    count = _count(value)
+    if count > 19:
+        raise ValueError(f"must be between 0 and 19, got {count}")
+    return count
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     processes: int = _key(1, _count, "int")
+    nice: int = _key(10, _niceness, "int")
     poll_interval_seconds: float = _key(5.0, _positive_float, "float")
     lease_seconds: float = _key(60.0, _positive_float, "float")
     max_attempts: int = _key(5, _positive_int, "int")

@@ -20,7 +20,7 @@ from mailproc.config import Settings
 from mailproc.db import Database
 from mailproc.intake import Arrival, wire_flags
 from mailproc.message import parse_message
-from mailproc.models import Message, MessageState, ReplayKey, utcnow
+from mailproc.models import Base, Message, MessageState, ReplayKey, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,11 @@ class MessageService:
             }
             for a in arrivals
         ]
-        # One INSERT ... RETURNING for the whole batch, without the ORM's unit of work.
-        statement = insert(Message).returning(Message.id, sort_by_parameter_order=True)
+        # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
+        table = Base.metadata.tables["message"]
+        statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
         with self.db.writing() as session:
-            return list(session.scalars(statement, rows))
+            return list(session.connection().execute(statement, rows).scalars())
 
     # -- processing -----------------------------------------------------------------------
 

@@ -65,6 +65,9 @@ def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = 
 
 def _child(settings: Settings, wake: Event, stop: Event, parent_pid: int) -> None:
     setup_logging(settings.logging.level)
+    # When CPU is short, the SMTP sessions waiting for their 250 go first; stored mail waits.
+    if settings.worker.nice:
+        os.nice(settings.worker.nice)
     # The parent decides when we stop; a Ctrl-C in the terminal reaches us too, so ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
