@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,9 +58,8 @@ class Database:
         self.engine = create_db_engine(url)
         self.dialect = self.engine.dialect.name
         self._read = sessionmaker(self.engine, expire_on_commit=False)
-        self._write = sessionmaker(
-            self.engine.execution_options(**{_WRITE: True}), expire_on_commit=False
-        )
+        self._write_engine = self.engine.execution_options(**{_WRITE: True})
+        self._write = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -72,6 +71,12 @@ class Database:
         """One write transaction: committed on normal exit, rolled back on an exception."""
         with self._write() as session, session.begin():
             yield session
+
+    @contextmanager
+    def writing_connection(self) -> Iterator[Connection]:
+        """One write transaction on a plain connection, for hot paths without ORM objects."""
+        with self._write_engine.begin() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()

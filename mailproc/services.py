@@ -100,8 +100,8 @@ class MessageService:
         # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
         table = Base.metadata.tables["message"]
         statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-        with self.db.writing() as session:
-            return list(session.connection().execute(statement, rows).scalars())
+        with self.db.writing_connection() as connection:
+            return list(connection.execute(statement, rows).scalars())
 
     # -- processing -----------------------------------------------------------------------
 
