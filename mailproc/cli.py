@@ -172,7 +172,8 @@ def check(
     Exit status: 0 authenticated, 1 not authenticated, 75 temporary DNS trouble."""
     settings = ctx.settings
     raw = message_file.read()
-    authenticator = Authenticator(settings.auth, settings.dns)
+    with _user_errors():
+        authenticator = Authenticator(settings.auth, settings.dns)
     verdict = authenticator.evaluate(raw, Envelope(client_ip, mail_from, helo), utcnow())
     if as_json:
         click.echo(json.dumps(verdict.to_dict(), indent=2))

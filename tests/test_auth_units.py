@@ -15,7 +15,7 @@ from mailproc.auth.alignment import aligned, organizational_domain
 from mailproc.auth.author import identify_author
 from mailproc.auth.dns import Resolver, TemporaryDNSError
 from mailproc.cli import main
-from mailproc.config import AuthSettings, DnsSettings
+from mailproc.config import AuthSettings, ConfigError, DnsSettings
 from mailproc.message import parse_message
 from tests.dkimkeys import build_message, publish, rsa_key, sign
 from tests.dnsserver import ZoneServer
@@ -146,3 +146,14 @@ def test_check_command_explains_and_sets_its_exit_status(
     result = runner.invoke(main, ["--config", str(config), "check", str(fresh)])
     assert result.exit_code == 75
     assert "temporary:" in result.output
+
+
+def test_no_system_resolver_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dns.resolver
+
+    def no_resolv_conf(configure: bool = True) -> None:
+        raise dns.resolver.NoResolverConfiguration("no nameservers")
+
+    monkeypatch.setattr(dns.resolver, "Resolver", no_resolv_conf)
+    with pytest.raises(ConfigError, match=r"^\[dns\] nameservers: empty, and this system"):
+        Resolver(DnsSettings())

@@ -16,7 +16,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from mailproc.config import DnsSettings
+from mailproc.config import ConfigError, DnsSettings
 
 
 class TemporaryDNSError(Exception):
@@ -39,7 +39,13 @@ class Resolver:
     temporary failure it met is known, whichever library made the lookup."""
 
     def __init__(self, settings: DnsSettings) -> None:
-        resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+        try:
+            resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+        except dns.resolver.NoResolverConfiguration as exc:
+            raise ConfigError(
+                f"[dns] nameservers: empty, and this system has no resolver configured ({exc}); "
+                "list the resolvers to use"
+            ) from None
         if settings.nameservers:
             resolver.nameservers = [_nameserver(ns) for ns in settings.nameservers]
         resolver.timeout = settings.timeout_seconds
