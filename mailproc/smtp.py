@@ -154,10 +154,15 @@ class Handler:
         address: str,
         options: list[str],
     ) -> str:
-        try:
-            normalized = normalize_address(address)
-        except AddressError:
-            return "550 5.1.3 Bad recipient address syntax"
+        # Support addresses are stored normalised (lowercase, A-labels): a plain lowercase
+        # match is the common case and needs no parsing.
+        if address.isascii() and address.lower() in self.support:
+            normalized = address.lower()
+        else:
+            try:
+                normalized = normalize_address(address)
+            except AddressError:
+                return "550 5.1.3 Bad recipient address syntax"
         if normalized not in self.support:
             return f"550 5.1.1 <{address}>: recipient not handled here"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
