@@ -36,7 +36,8 @@ def new_worker_id() -> str:
 def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = None) -> None:
     """The worker loop: process messages until ``stop`` is set (finishing the one in hand), or
     until the parent process is gone."""
-    database = Database(settings.database.url)
+    # A lost verdict is re-derived (the claim's lease runs out); only intake must wait for disk.
+    database = Database(settings.database.url, durable=False)
     service = MessageService.from_settings(database, settings)
     worker_id = new_worker_id()
     # Without a parent to wake us, look again at least every second for a parent that died.
