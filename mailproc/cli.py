@@ -69,7 +69,26 @@ class Context:
         return MessageService.from_settings(self.database(), self.settings)
 
 
-pass_context = click.make_pass_decorator(Context)
+def _set_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        context = ctx.find_object(Context)
+        assert context is not None  # made by the group before any command's options
+        context.config_path = value
+
+
+_CONFIG_HELP = f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults)."
+
+
+def pass_context(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Pass our Context, and accept ``--config`` after the command name too."""
+    decorated = click.make_pass_decorator(Context)(command)
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_set_config,
+        help=_CONFIG_HELP,
+    )(decorated)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +97,7 @@ pass_context = click.make_pass_decorator(Context)
     "config_path",
     envvar=CONFIG_ENV,
     type=click.Path(dir_okay=False),
-    help=f"TOML configuration file (default: ${CONFIG_ENV}, else built-in defaults).",
+    help=_CONFIG_HELP,
 )
 @click.version_option(__version__, prog_name="mailproc")
 @click.pass_context

@@ -139,3 +139,15 @@ def test_serve_on_a_busy_port_says_so(tmp_path: Path, sqlite_url: str) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: cannot listen on 127.0.0.1:{port}: address already in use"
     )
+
+
+def test_config_option_works_after_the_command_name_too(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[smtp]\nprotocol = "smtp"\nbogus = 1\n')
+    for args in (
+        ["--config", str(config), "config", "check"],
+        ["config", "check", "--config", str(config)],
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 78
+        assert f"{config}: [smtp] bogus: unknown key" in result.output
