@@ -341,6 +341,10 @@ def messages_list(ctx: Context, state: str | None, limit: int, as_json: bool) ->
             f"{m.id:>8}  {m.state.value:<10}  {m.received_at:%Y-%m-%d %H:%M:%S}  "
             f"{m.auth_strength or '-':<6}  {_printable(author)[:32]:<32}  {subject[:60]}"
         )
+    counts = _run(service.counts)
+    click.echo(
+        "\nall messages: " + ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    )
 
 
 @messages_group.command("show")

@@ -62,6 +62,11 @@ def test_messages_list_and_show(config_file: Path, database_url: str) -> None:
     assert code == 0
     assert "no messages" in output
 
+    code, output = run(config_file, "messages", "list")
+    assert code == 0
+    assert output.splitlines()[-1] == "all messages: 2 processed"
+    assert "subject 1" in output.splitlines()[1]
+
     code, output = run(config_file, "messages", "show", str(first), "--json")
     shown = json.loads(output)
     assert shown["id"] == first
