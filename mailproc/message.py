@@ -124,7 +124,7 @@ def _header_fields(head: bytes, defects: list[str]) -> list[Header]:
     return headers
 
 
-def _decoded_text(value: str, name: str, defects: list[str]) -> str:
+def decoded_text(value: str, name: str, defects: list[str]) -> str:
     try:
         return str(make_header(decode_header(value)))
     except (HeaderParseError, UnicodeError, LookupError, ValueError):
@@ -217,7 +217,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
     _from_fields(parsed)
     subjects = parsed.header("Subject")
     if subjects:
-        parsed.subject = _decoded_text(subjects[0], "subject", defects)
+        parsed.subject = decoded_text(subjects[0], "subject", defects)
     for attr, name in (("message_id", "Message-ID"), ("date", "Date"), ("to", "To")):
         values = parsed.header(name)
         if values:

@@ -4,19 +4,17 @@ ARC-Authentication-Results say, aligned again here. A self-sealed chain speaks f
 
 from __future__ import annotations
 
-import logging
 import re
 
 import authres
 import dkim
 
 from mailproc.auth.alignment import canonical_domain
-from mailproc.auth.dkim_check import dns_function
+from mailproc.auth.dkim_check import DKIMPY_LOG, dns_function
 from mailproc.auth.dns import Resolver
 from mailproc.auth.upstream import aligned_passes
 from mailproc.auth.verdict import ArcEvidence
 
-_quiet = logging.getLogger("mailproc.auth.dkimpy")
 _INSTANCE = re.compile(r"^\s*i\s*=\s*(\d+)\s*;", re.IGNORECASE)
 
 
@@ -51,7 +49,7 @@ def check_arc(
         return ArcEvidence(), False
     try:
         cv, results, comment = dkim.arc_verify(
-            raw, logger=_quiet, dnsfunc=dns_function(resolver), minkey=min_rsa_bits
+            raw, logger=DKIMPY_LOG, dnsfunc=dns_function(resolver), minkey=min_rsa_bits
         )
     except Exception as exc:  # a check that breaks fails closed, with the reason
         return ArcEvidence(result="fail", reason=f"arc check error: {exc}"), False

@@ -15,7 +15,7 @@ from email import policy
 from email.errors import HeaderParseError
 
 from mailproc.addresses import AddressError, normalize_address
-from mailproc.message import ParsedMessage, _decoded_text
+from mailproc.message import ParsedMessage, decoded_text
 
 # Parse defects that make the header block ambiguous; MIME body defects are DKIM's business.
 FATAL_DEFECT_PREFIXES = (
@@ -111,7 +111,7 @@ def _parse_from_value(value: str, reasons: list[str]) -> tuple[str, str] | None:
 def _display_name(display: str, reasons: list[str]) -> str:
     if display.startswith('"') and display.endswith('"') and len(display) >= 2:
         display = display[1:-1].replace('\\"', '"').replace("\\\\", "\\")
-    decoded = _decoded_text(display, "from", reasons) if "=?" in display else display
+    decoded = decoded_text(display, "from", reasons) if "=?" in display else display
     return decoded.strip()
 
 

@@ -24,9 +24,9 @@ from mailproc.auth.verdict import DkimEvidence
 ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 
 # dkimpy logs every failed verification at ERROR; our evidence records them instead.
-_quiet = logging.getLogger("mailproc.auth.dkimpy")
-_quiet.addHandler(logging.NullHandler())
-_quiet.propagate = False
+DKIMPY_LOG = logging.getLogger("mailproc.auth.dkimpy")
+DKIMPY_LOG.addHandler(logging.NullHandler())
+DKIMPY_LOG.propagate = False
 
 
 def _text(value: bytes | None) -> str | None:
@@ -107,7 +107,7 @@ def check_dkim(
 ) -> tuple[list[DkimEvidence], list[str]]:
     """Evidence for each signature, and reasons about the set (such as too many)."""
     try:
-        d = dkim.DKIM(raw, logger=_quiet, minkey=min_rsa_bits)
+        d = dkim.DKIM(raw, logger=DKIMPY_LOG, minkey=min_rsa_bits)
     except (dkim.DKIMException, ValueError, IndexError) as exc:
         return [], [f"dkim: message cannot be read ({exc})"]
     signatures = [value for name, value in d.headers if name.lower() == b"dkim-signature"]
