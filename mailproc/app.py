@@ -28,7 +28,11 @@ class App:
         self.database = db.Database(settings.database.url)
         self.messages = MessageService.from_settings(self.database, settings)
         self.worker = WorkerProcesses(settings)
-        self.intake = GroupCommitter(self.messages.store_batch, on_commit=self.worker.wake)
+        self.intake = GroupCommitter(
+            self.messages.store_batch,
+            on_commit=self.worker.wake,
+            store_now=self.messages.store_batch_now,
+        )
         self.connections = Connections(limit=settings.smtp.max_sessions)
         self.server: asyncio.Server | None = None
         self.smtp_port: int | None = None

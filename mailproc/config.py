@@ -232,6 +232,7 @@ class WorkerSettings:
     poll_interval_seconds: float = _key(5.0, _positive_float, "float")
     lease_seconds: float = _key(60.0, _positive_float, "float")
     max_attempts: int = _key(5, _positive_int, "int")
+    batch_size: int = _key(20, _positive_int, "int")
 
 
 def _nameserver(value: Any) -> str:

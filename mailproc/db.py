@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,16 +14,22 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
+
+
+class LockBusy(Exception):
+    """Another connection holds SQLite's write lock; nothing was written."""
+
 
 # Execution option that makes SQLite take its write lock at BEGIN, so a write transaction never
 # fails half-way on a lock upgrade; readers keep a plain deferred BEGIN.
 _WRITE = "mailproc_write"
 
 
-def _sqlite_setup(engine: Engine, durable: bool) -> None:
+def _sqlite_setup(engine: Engine, durable: bool, busy_timeout_ms: int = 10000) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the sqlite3 module, decide where transactions begin.
@@ -31,7 +38,7 @@ def _sqlite_setup(engine: Engine, durable: bool) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (fsync'd) before it returns; the 250 depends on it.
         cursor.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
@@ -41,11 +48,12 @@ def _sqlite_setup(engine: Engine, durable: bool) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
-def create_db_engine(url: str, durable: bool = True) -> Engine:
+def create_db_engine(url: str, durable: bool = True, wait_for_lock: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": 10})
-        _sqlite_setup(engine, durable)
+        timeout = 10 if wait_for_lock else 0
+        engine = create_engine(url, connect_args={"timeout": timeout})
+        _sqlite_setup(engine, durable, busy_timeout_ms=timeout * 1000)
         return engine
     engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     if not durable:
@@ -69,7 +77,9 @@ class Database:
 
     def __init__(self, url: str, durable: bool = True) -> None:
         self.url = url
+        self.durable = durable
         self.engine = create_db_engine(url, durable)
+        self._nowait_engine: Engine | None = None
         self.dialect = self.engine.dialect.name
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
@@ -92,8 +102,30 @@ class Database:
         with self._write_engine.begin() as connection:
             yield connection
 
+    @contextmanager
+    def writing_connection_nowait(self) -> Iterator[Connection]:
+        """SQLite only: like ``writing_connection``, but raises ``LockBusy`` at once, having
+        written nothing, when another connection holds the write lock. For a caller that
+        must not block (the listener's event loop) and has a waiting path to fall back on."""
+        if self._nowait_engine is None:
+            if self.dialect != "sqlite":
+                raise LockBusy("only SQLite has a no-wait write path")
+            self._nowait_engine = create_db_engine(
+                self.url, self.durable, wait_for_lock=False
+            ).execution_options(**{_WRITE: True})
+        try:
+            with self._nowait_engine.begin() as connection:
+                yield connection
+        except OperationalError as exc:
+            code = getattr(exc.orig, "sqlite_errorcode", None)
+            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                raise LockBusy(str(exc.orig)) from exc
+            raise
+
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._nowait_engine is not None:
+            self._nowait_engine.dispose()
 
 
 def alembic_config() -> AlembicConfig:

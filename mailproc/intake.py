@@ -67,12 +67,19 @@ class IntakeClosed(Exception):
 
 
 StoreBatch = Callable[[Sequence[Arrival]], list[int]]
+StoreBatchNow = Callable[[Sequence[Arrival]], "list[int] | None"]
 
 
 class GroupCommitter:
     """Commits waiting arrivals together: while one commit is on its way to disk, the next
     arrivals gather and go in the next single transaction. Each caller's ``store`` returns only
-    once its own row is committed, and raises if it was not."""
+    once its own row is committed, and raises if it was not.
+
+    ``store_batch`` runs on a thread and may wait for the database. ``store_now``, when given,
+    is tried first on the event loop's own thread and must return None at once, having
+    written nothing, when it would have to wait (SQLite's write lock held by a worker): a local
+    SQLite commit costs less than the hand-over to a thread and back, and the fsync it waits
+    for is short beside that; a wait for a lock is not, so that goes to the thread."""
 
     def __init__(
         self,
@@ -80,8 +87,10 @@ class GroupCommitter:
         on_commit: Callable[[], None] = lambda: None,
         max_batch: int = 256,
         max_batch_bytes: int = 32 << 20,
+        store_now: StoreBatchNow | None = None,
     ) -> None:
         self._store_batch = store_batch
+        self._store_now = store_now
         self._on_commit = on_commit
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
@@ -137,7 +146,9 @@ class GroupCommitter:
     async def _commit(self, batch: list[tuple[Arrival, asyncio.Future[int]]]) -> None:
         arrivals = [arrival for arrival, _ in batch]
         try:
-            ids = await asyncio.to_thread(self._store_batch, arrivals)
+            ids = self._store_now(arrivals) if self._store_now is not None else None
+            if ids is None:
+                ids = await asyncio.to_thread(self._store_batch, arrivals)
         except (IntegrityError, DataError) as exc:
             if len(batch) == 1:
                 self._fail(batch, exc)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Connection, Dialect, Table, Update, and_, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, defer
 
 from mailproc.auth import Authenticator, Envelope, Strength, Verdict
 from mailproc.config import Settings
-from mailproc.db import Database
+from mailproc.db import Database, LockBusy
 from mailproc.intake import Arrival, wire_flags
 from mailproc.message import parse_message
 from mailproc.models import Base, Message, MessageState, ReplayKey, utcnow
@@ -40,6 +41,65 @@ class Claim:
     attempts: int
 
 
+@dataclass(frozen=True)
+class _Input:
+    raw: bytes
+    envelope: Envelope
+    deferrals: int
+
+
+@dataclass(frozen=True)
+class _Result:
+    claim: Claim
+    values: dict[str, Any]
+    verdict: Verdict | None
+    now: datetime
+
+
+class RawInsert:
+    """Inserts rows through the DBAPI cursor, one ``execute`` and ``lastrowid`` per row, for
+    SQLite's intake path: SQLAlchemy's per-statement work costs more than SQLite's own for a
+    small batch, and the listener pays it before every ``250``. The statement is compiled by
+    SQLAlchemy for the columns given and the values converted by the column types' own bind
+    processors, so what is stored is exactly what a Core INSERT of the same rows stores."""
+
+    def __init__(self, table: Table, dialect: Dialect) -> None:
+        self.table = table
+        self.dialect = dialect
+        self._statements: dict[tuple[str, ...], tuple[str, list[Any]]] = {}
+
+    def _statement(self, keys: tuple[str, ...]) -> tuple[str, list[Any]]:
+        statement = self._statements.get(keys)
+        if statement is None:
+            compiled = insert(self.table).compile(dialect=self.dialect, column_keys=list(keys))
+            assert compiled.positiontup is not None  # SQLite's paramstyle is positional
+            processors = [
+                (
+                    name,
+                    self.table.c[name].type.dialect_impl(self.dialect).bind_processor(self.dialect),
+                )
+                for name in compiled.positiontup
+            ]
+            statement = self._statements[keys] = (str(compiled), processors)
+        return statement
+
+    def __call__(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+        cursor = connection.connection.cursor()
+        ids = []
+        try:
+            for row in rows:
+                sql, processors = self._statement(tuple(row))
+                values = [
+                    row[name] if process is None else process(row[name])
+                    for name, process in processors
+                ]
+                cursor.execute(sql, values)
+                ids.append(cursor.lastrowid)
+        finally:
+            cursor.close()
+        return ids
+
+
 class MessageService:
     def __init__(
         self,
@@ -55,6 +115,11 @@ class MessageService:
         self.max_attempts = max_attempts
         self.retry_base = timedelta(minutes=1)
         self.retry_max = timedelta(minutes=retry_max_minutes)
+        self._sqlite_insert = (
+            RawInsert(Base.metadata.tables["message"], database.engine.dialect)
+            if database.dialect == "sqlite"
+            else None
+        )
 
     @classmethod
     def from_settings(cls, database: Database, settings: Settings) -> MessageService:
@@ -70,8 +135,32 @@ class MessageService:
 
     def store_batch(self, arrivals: Sequence[Arrival]) -> list[int]:
         """Store arrivals in one transaction; returns their ids once committed."""
+        rows = self._intake_rows(arrivals)
+        with self.db.writing_connection() as connection:
+            if self._sqlite_insert is not None:
+                return self._sqlite_insert(connection, rows)
+            # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
+            table = Base.metadata.tables["message"]
+            statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+            return list(connection.execute(statement, rows).scalars())
+
+    def store_batch_now(self, arrivals: Sequence[Arrival]) -> list[int] | None:
+        """SQLite: store arrivals in one transaction on the calling thread if the write lock
+        is free at once; None, having written nothing, if it is not (or on PostgreSQL), so the
+        caller can use ``store_batch`` on a thread that may wait."""
+        if self._sqlite_insert is None:
+            return None
+        rows = self._intake_rows(arrivals)
+        try:
+            with self.db.writing_connection_nowait() as connection:
+                return self._sqlite_insert(connection, rows)
+        except LockBusy:
+            return None
+
+    @staticmethod
+    def _intake_rows(arrivals: Sequence[Arrival]) -> list[dict[str, Any]]:
         now = utcnow()
-        rows = [
+        return [
             {
                 "state": MessageState.RECEIVED,
                 "received_at": a.received_at,
@@ -97,32 +186,38 @@ class MessageService:
             }
             for a in arrivals
         ]
-        # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
-        table = Base.metadata.tables["message"]
-        statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-        with self.db.writing_connection() as connection:
-            return list(connection.execute(statement, rows).scalars())
 
     # -- processing -----------------------------------------------------------------------
 
     def claim_next(self, worker_id: str) -> Claim | None:
         """Take the oldest message that is waiting, or whose last claim's lease ran out."""
-        while True:
-            claim, exhausted = self._claim_one(worker_id)
-            if not exhausted:
-                return claim
+        claims = self.claim_batch(worker_id, 1)
+        return claims[0] if claims else None
 
-    def _claim_one(self, worker_id: str) -> tuple[Claim | None, bool]:
+    def claim_batch(self, worker_id: str, limit: int) -> list[Claim]:
+        """Take up to ``limit`` of the oldest waiting messages (received, due for a retry, or
+        left behind by a worker whose lease ran out) in one transaction, oldest first."""
+        while True:
+            claims, exhausted = self._claim(worker_id, limit)
+            if claims or not exhausted:
+                return claims
+
+    def _claim(self, worker_id: str, limit: int) -> tuple[list[Claim], bool]:
         now = utcnow()
+        # A message left behind by a worker whose lease ran out may be what killed it: it is
+        # taken alone, so that it cannot use up the attempts of the messages around it.
+        abandoned = (
+            select(Message.id)
+            .where(Message.state == MessageState.PROCESSING, Message.lease_expires_at < now)
+            .order_by(Message.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        )
         waiting = (
             select(Message.id)
             .where(
                 or_(
                     Message.state == MessageState.RECEIVED,
-                    and_(
-                        Message.state == MessageState.PROCESSING,
-                        Message.lease_expires_at < now,
-                    ),
                     and_(
                         Message.state == MessageState.DEFERRED,
                         Message.next_attempt_at <= now,
@@ -130,14 +225,16 @@ class MessageService:
                 )
             )
             .order_by(Message.id)
-            .limit(1)
+            .limit(limit)
             .with_for_update(skip_locked=True)
-            .scalar_subquery()
         )
         with self.db.writing() as session:
-            row = session.execute(
+            ids = list(session.scalars(abandoned)) or list(session.scalars(waiting))
+            if not ids:
+                return [], False
+            rows = session.execute(
                 update(Message)
-                .where(Message.id == waiting)
+                .where(Message.id.in_(ids))
                 .values(
                     state=MessageState.PROCESSING,
                     claimed_by=worker_id,
@@ -146,44 +243,94 @@ class MessageService:
                     updated_at=now,
                 )
                 .returning(Message.id, Message.attempts)
-            ).one_or_none()
-            if row is None:
-                return None, False
-            if row.attempts <= self.max_attempts:
-                return Claim(row.id, worker_id, row.attempts), False
+            ).all()
+            claims = [
+                Claim(row.id, worker_id, row.attempts)
+                for row in rows
+                if row.attempts <= self.max_attempts
+            ]
             # Claimed so often without finishing that processing itself keeps dying.
-            session.execute(
-                update(Message)
-                .where(Message.id == row.id)
-                .values(
-                    state=MessageState.FAILED,
-                    error=(
-                        f"processing did not finish in {self.max_attempts} attempts "
-                        "(the worker died or its lease ran out each time)"
-                    ),
-                    claimed_by=None,
-                    lease_expires_at=None,
+            exhausted = sorted(row.id for row in rows if row.attempts > self.max_attempts)
+            if exhausted:
+                session.execute(
+                    update(Message)
+                    .where(Message.id.in_(exhausted))
+                    .values(
+                        state=MessageState.FAILED,
+                        error=(
+                            f"processing did not finish in {self.max_attempts} attempts "
+                            "(the worker died or its lease ran out each time)"
+                        ),
+                        claimed_by=None,
+                        lease_expires_at=None,
+                    )
                 )
-            )
-            log.error("message %d failed: too many unfinished attempts", row.id)
-            return None, True
+                for message_id in exhausted:
+                    log.error("message %d failed: too many unfinished attempts", message_id)
+        return sorted(claims, key=lambda claim: claim.message_id), bool(exhausted)
 
     def process(self, claim: Claim) -> MessageState | None:
         """Parse and authenticate a claimed message; returns its new state, or None if the
         claim was lost."""
+        return self.process_batch([claim])[0]
+
+    def process_batch(
+        self,
+        claims: Sequence[Claim],
+        flush_seconds: float = 1.0,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> list[MessageState | None]:
+        """Process claimed messages in order and write their results together: one write
+        transaction for the batch, or more when it takes longer than ``flush_seconds`` (each
+        such write also renews the leases of the claims still in hand). When ``stop()`` turns
+        true, the results so far are written and the claims not yet begun are given back.
+        Returns each message's new state, or None where the claim was lost."""
+        states: list[MessageState | None] = []
+        inputs = self._load(claims)
+        done: list[_Result] = []
+        last_flush = time.monotonic()
+        for index, claim in enumerate(claims):
+            if index and stop():
+                states += self._finish(done, release=claims[index:])
+                return states + [None] * (len(claims) - index)
+            done.append(self._evaluate(claim, inputs.get(claim.message_id)))
+            rest = claims[index + 1 :]
+            if rest and time.monotonic() - last_flush >= flush_seconds:
+                states += self._finish(done, renew=rest)
+                done = []
+                last_flush = time.monotonic()
+        return states + self._finish(done)
+
+    def _load(self, claims: Sequence[Claim]) -> dict[int, _Input]:
+        ids = [claim.message_id for claim in claims]
         with self.db.reading() as session:
-            message = session.get(Message, claim.message_id)
-            if message is None:
-                raise NotFound(f"message {claim.message_id} not found")
-            raw = message.raw
-            envelope = Envelope(message.client_ip, message.mail_from, message.client_helo)
-            deferrals = message.deferrals
+            rows = session.execute(
+                select(
+                    Message.id,
+                    Message.raw,
+                    Message.client_ip,
+                    Message.mail_from,
+                    Message.client_helo,
+                    Message.deferrals,
+                ).where(Message.id.in_(ids))
+            ).all()
+        return {
+            row.id: _Input(
+                row.raw, Envelope(row.client_ip, row.mail_from, row.client_helo), row.deferrals
+            )
+            for row in rows
+        }
+
+    def _evaluate(self, claim: Claim, data: _Input | None) -> _Result:
+        """Parse and authenticate one message: CPU and DNS only, no database."""
         now = utcnow()
         values: dict[str, Any]
         verdict: Verdict | None = None
+        if data is None:  # deleted meanwhile: there is nothing left to finish
+            return _Result(claim, {"state": MessageState.FAILED}, None, now)
         try:
-            parsed = parse_message(raw)
-            verdict = self.authenticator.evaluate(raw, envelope, now, parsed)
+            parsed = parse_message(data.raw)
+            verdict = self.authenticator.evaluate(data.raw, data.envelope, now, parsed)
         except Exception as exc:
             log.exception("message %d failed in processing", claim.message_id)
             summary = "".join(traceback.format_exception_only(exc)).strip()
@@ -191,10 +338,10 @@ class MessageService:
         else:
             values = {"parsed": parsed.summary(), "error": None}
             if verdict.temporary:
-                delay = min(self.retry_max, self.retry_base * (2**deferrals))
+                delay = min(self.retry_max, self.retry_base * (2**data.deferrals))
                 values |= {
                     "state": MessageState.DEFERRED,
-                    "deferrals": deferrals + 1,
+                    "deferrals": data.deferrals + 1,
                     "next_attempt_at": now + delay,
                     "attempts": 0,
                 }
@@ -204,40 +351,99 @@ class MessageService:
                     "processed_at": now,
                     "next_attempt_at": None,
                 }
+        return _Result(claim, values, verdict, now)
+
+    def _finish(
+        self,
+        results: Sequence[_Result],
+        renew: Sequence[Claim] = (),
+        release: Sequence[Claim] = (),
+    ) -> list[MessageState | None]:
+        """Write results in one transaction; renew or give back the claims not yet processed."""
+        states: list[MessageState | None] = []
+        if not results and not renew and not release:
+            return states
+        now = utcnow()
         with self.db.writing() as session:
-            row = session.get(Message, claim.message_id, with_for_update=True)
-            # Only the holder of the claim may finish it: after a lease ran out and another
-            # worker took the message over, the late one's result is dropped, not doubled.
-            if (
-                row is None
-                or row.state != MessageState.PROCESSING
-                or row.claimed_by != claim.worker_id
-                or row.attempts != claim.attempts
-            ):
-                log.warning("message %d: claim lost before it was finished", claim.message_id)
-                return None
-            if verdict is not None and values["state"] == MessageState.PROCESSED:
-                self._check_replays(session, row.id, verdict, now)
-            if verdict is not None:
-                values |= {
-                    "verdict": verdict.to_dict(),
-                    "authenticated": verdict.authenticated,
-                    "auth_strength": verdict.strength.value,
-                }
-            for key, value in values.items():
-                setattr(row, key, value)
-            row.claimed_by = None
-            row.lease_expires_at = None
-            row.updated_at = utcnow()
-        state = MessageState(values["state"])
-        log.info(
-            "message %d %s (attempt %d)%s",
-            claim.message_id,
-            state.value,
-            claim.attempts,
-            f": {verdict.strength.value}" if verdict is not None else "",
+            ids = [result.claim.message_id for result in results]
+            rows = {
+                row.id: row
+                for row in session.scalars(
+                    select(Message)
+                    .options(defer(Message.raw))
+                    .where(Message.id.in_(ids))
+                    .order_by(Message.id)
+                    .with_for_update()
+                )
+            }
+            for result in results:
+                row = rows.get(result.claim.message_id)
+                states.append(self._write_result(session, row, result))
+            for claim in renew:
+                session.execute(
+                    self._held(claim).values(lease_expires_at=now + self.lease, updated_at=now)
+                )
+            for claim in release:
+                session.execute(
+                    self._held(claim).values(
+                        state=MessageState.RECEIVED,
+                        attempts=Message.attempts - 1,
+                        claimed_by=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                )
+        for result, state in zip(results, states, strict=True):
+            if state is not None:
+                verdict = result.verdict
+                log.info(
+                    "message %d %s (attempt %d)%s",
+                    result.claim.message_id,
+                    state.value,
+                    result.claim.attempts,
+                    f": {verdict.strength.value}" if verdict is not None else "",
+                )
+        return states
+
+    @staticmethod
+    def _held(claim: Claim) -> Update:
+        """An UPDATE of the claimed message, which matches only while the claim still holds."""
+        return update(Message).where(
+            Message.id == claim.message_id,
+            Message.state == MessageState.PROCESSING,
+            Message.claimed_by == claim.worker_id,
+            Message.attempts == claim.attempts,
         )
-        return state
+
+    def _write_result(
+        self, session: Session, row: Message | None, result: _Result
+    ) -> MessageState | None:
+        claim, verdict = result.claim, result.verdict
+        values = dict(result.values)
+        # Only the holder of the claim may finish it: after a lease ran out and another
+        # worker took the message over, the late one's result is dropped, not doubled.
+        if (
+            row is None
+            or row.state != MessageState.PROCESSING
+            or row.claimed_by != claim.worker_id
+            or row.attempts != claim.attempts
+        ):
+            log.warning("message %d: claim lost before it was finished", claim.message_id)
+            return None
+        if verdict is not None and values["state"] == MessageState.PROCESSED:
+            self._check_replays(session, row.id, verdict, result.now)
+        if verdict is not None:
+            values |= {
+                "verdict": verdict.to_dict(),
+                "authenticated": verdict.authenticated,
+                "auth_strength": verdict.strength.value,
+            }
+        for key, value in values.items():
+            setattr(row, key, value)
+        row.claimed_by = None
+        row.lease_expires_at = None
+        row.updated_at = utcnow()
+        return MessageState(values["state"])
 
     @staticmethod
     def _check_replays(session: Session, message_id: int, verdict: Verdict, now: datetime) -> None:
@@ -275,11 +481,12 @@ class MessageService:
             verdict.authenticated = False
             verdict.strength = Strength.NONE
 
-    def process_next(self, worker_id: str) -> bool:
-        claim = self.claim_next(worker_id)
-        if claim is None:
+    def process_next(self, worker_id: str, batch_size: int = 1) -> bool:
+        """Claim and process up to ``batch_size`` waiting messages; False if none waited."""
+        claims = self.claim_batch(worker_id, batch_size)
+        if not claims:
             return False
-        self.process(claim)
+        self.process_batch(claims)
         return True
 
     # -- operations -----------------------------------------------------------------------

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import ipaddress
 import logging
 import re
+import socket
 import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +30,28 @@ _XTEXT = re.compile(r"\+([0-9A-F]{2})")
 _UNSAFE_VALUE = re.compile(r"[^\x21-\x7e]|[<>()\[\]\\,;:\"]")
 _UNAVAILABLE = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
 _ENVELOPE_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+_HOOK_NAMES: dict[type, list[str]] = {}
+
+
+class _HookNames:
+    """aiosmtpd's SMTP.__init__ finds command handlers, hooks and AUTH mechanisms with dir()
+    and inspect.getmembers() on the protocol and the handler for every new connection, which
+    costs more than the rest of a short session's set-up. Their names are fixed by the class,
+    so dir() here lists just those names, worked out once per class."""
+
+    _dir_prefixes: tuple[str, ...] = ()
+
+    def __dir__(self) -> list[str]:
+        cls = type(self)
+        names = _HOOK_NAMES.get(cls)
+        if names is None:
+            names = _HOOK_NAMES[cls] = sorted(
+                name for name in dir(cls) if name.startswith(self._dir_prefixes)
+            )
+        return names
+
 
 TEMP_FAILURE = "451 4.3.0 Temporary failure storing the message; please try again later"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -87,8 +111,10 @@ class Connections:
             self.close_all()
 
 
-class Handler:
+class Handler(_HookNames):
     """aiosmtpd hooks: recipient filter, XFORWARD advertising, store-then-250."""
+
+    _dir_prefixes = ("handle_", "auth_")
 
     def __init__(self, settings: SmtpSettings, intake: GroupCommitter, protocol_name: str) -> None:
         self.settings = settings
@@ -247,9 +273,15 @@ def is_trusted_proxy(ip: str, networks: Iterable[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
-class SMTPProtocol(SMTP):
+# aiosmtpd inspects the EHLO hook's signature for every new connection; give it the answer.
+setattr(Handler.handle_EHLO, "__signature__", inspect.signature(Handler.handle_EHLO))  # noqa: B010
+
+
+class SMTPProtocol(_HookNames, SMTP):
     """aiosmtpd's protocol plus XFORWARD, the session cap and time limit, and a DATA phase that
     answers once per recipient under LMTP."""
+
+    _dir_prefixes = ("smtp_", "auth_")
 
     lmtp = False
 
@@ -429,6 +461,8 @@ def protocol_factory(
     cls = LMTPProtocol if settings.protocol == "lmtp" else SMTPProtocol
     handler = Handler(settings, intake, settings.protocol)
     context = tls_context(settings)
+    # Looked up once: aiosmtpd would otherwise ask the resolver for every connection.
+    hostname = settings.hostname or socket.getfqdn()
 
     def make() -> SMTPProtocol:
         return cls(
@@ -437,7 +471,7 @@ def protocol_factory(
             settings,
             data_size_limit=settings.max_message_bytes,
             enable_SMTPUTF8=True,
-            hostname=settings.hostname or None,
+            hostname=hostname,
             ident="mailproc",
             tls_context=context,
             require_starttls=settings.require_starttls,

@@ -1,4 +1,4 @@
-"""Workers: processes that claim stored messages and process them, one at a time each.
+"""Workers: processes that claim stored messages a batch at a time and process them.
 
 They run apart from the SMTP listener's process so that parsing and authentication never take
 the listener's interpreter lock: ``serve`` starts ``[worker] processes`` of them and restarts
@@ -27,6 +27,8 @@ from mailproc.services import MessageService
 log = logging.getLogger(__name__)
 
 SPAWN = multiprocessing.get_context("spawn")
+# Results of a long batch are written at least this often, renewing the leases of the rest.
+FLUSH_SECONDS = 1.0
 
 
 def new_worker_id() -> str:
@@ -50,7 +52,10 @@ def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = 
                 break
             wake.clear()
             try:
-                busy = service.process_next(worker_id)
+                claims = service.claim_batch(worker_id, settings.worker.batch_size)
+                busy = bool(claims)
+                if busy:
+                    service.process_batch(claims, flush_seconds=FLUSH_SECONDS, stop=stop.is_set)
             except Exception:
                 # The database is away or something failed outside one message: the message
                 # stays claimed until its lease runs out, then any worker takes it again.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -63,6 +64,36 @@ def test_stored_batch_keeps_order_and_bytes(service: MessageService) -> None:
     assert [m.raw for m in stored] == raws
     assert [m.size for m in stored] == [len(raw) for raw in raws]
     assert all(m.state == MessageState.RECEIVED and m.attempts == 0 for m in stored)
+
+
+def test_sqlite_fast_insert_stores_what_a_core_insert_stores(service: MessageService) -> None:
+    if service.db.dialect != "sqlite":
+        pytest.skip("the DBAPI insert path is SQLite's")
+    forwarded = arrival(b"Subject: x\r\n\r\nbare\nLF\r\n")
+    forwarded = dataclasses.replace(
+        forwarded, xforward={"ADDR": "192.0.2.7", "NAME": None}, tls={"version": "TLSv1.3"}
+    )
+    (fast,) = service.store_batch([forwarded])
+    core = MessageService(service.db, service.authenticator)
+    core._sqlite_insert = None
+    (slow,) = core.store_batch([forwarded])
+    with service.db.engine.connect() as connection:
+        result = connection.exec_driver_sql(
+            "SELECT * FROM message WHERE id IN (?, ?)", (fast, slow)
+        )
+        columns = list(result.keys())
+        rows = {row.id: tuple(row) for row in result}
+    differing = [
+        (name, a, b)
+        for name, a, b in zip(columns, rows[fast], rows[slow], strict=True)
+        if a != b and name not in {"id", "received_at", "updated_at", "next_attempt_at"}
+    ]
+    assert differing == []
+    # Columns left out of the INSERT are SQL NULL, not JSON null.
+    assert dict(zip(columns, rows[fast], strict=True))["verdict"] is None
+    assert dict(zip(columns, rows[fast], strict=True))["parsed"] is None
+    assert service.get(fast).xforward == {"ADDR": "192.0.2.7", "NAME": None}
+    assert service.get(fast).intake_flags == ["bare_lf"]
 
 
 def test_claims_go_oldest_first_and_never_twice(service: MessageService) -> None:
