@@ -371,6 +371,19 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time of a process and of its living children (mailproc's worker processes)."""
+    own = process_cpu_seconds(pid)
+    if own is None:
+        return None
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        child_pids = [int(child) for child in children.read_text().split()]
+    except OSError:
+        child_pids = []
+    return own + sum(process_cpu_seconds(child) or 0.0 for child in child_pids)
+
+
 @dataclass(frozen=True)
 class CpuSample:
     wall: float
@@ -613,7 +626,8 @@ class WorkerIdle:
 
 def wait_worker_idle(database: Path, pid: int, timeout: float = IDLE_TIMEOUT) -> WorkerIdle:
     """Wait until mailproc's worker has processed every stored message, or has gone idle with
-    messages left waiting for something else (a retry time); returns the wait and what is left."""
+    messages left waiting for something else (a retry time); returns the wait and what is left.
+    Idle means ``pid`` and its worker processes together use almost no CPU."""
     start = time.monotonic()
     while True:
         waiting: int = _query(
@@ -622,9 +636,9 @@ def wait_worker_idle(database: Path, pid: int, timeout: float = IDLE_TIMEOUT) ->
         )[0][0]
         if not waiting:
             return WorkerIdle(time.monotonic() - start, 0)
-        before = process_cpu_seconds(pid)
+        before = tree_cpu_seconds(pid)
         time.sleep(IDLE_PROBE_SECONDS)
-        after = process_cpu_seconds(pid)
+        after = tree_cpu_seconds(pid)
         idle = (
             before is not None
             and after is not None

@@ -11,10 +11,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Table, Update, and_, func, insert, or_, select, update
+from sqlalchemy import (
+    Connection,
+    Dialect,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import defer
 
 from mailproc.auth import Authenticator, Envelope, Strength, Verdict
 from mailproc.config import Settings
@@ -98,6 +109,28 @@ class RawInsert:
         finally:
             cursor.close()
         return ids
+
+
+_MESSAGE = Base.metadata.tables["message"]
+# A worker's results, executed with one parameter set per message (its id as ``_id``).
+_FINISH = update(_MESSAGE).where(_MESSAGE.c.id == bindparam("_id"))
+
+
+def _replay_keys(result: _Result) -> dict[str, str]:
+    """The keys that make a later copy of this message a replay: each DKIM signature that
+    passed, and the Message-ID of an authenticated message."""
+    verdict = result.verdict
+    if verdict is None or result.values["state"] != MessageState.PROCESSED:
+        return {}
+    keys = {
+        hashlib.sha256(f"dkim:{d.signature_hash}".encode()).hexdigest(): "dkim"
+        for d in verdict.dkim
+        if d.result == "pass" and d.signature_hash
+    }
+    if verdict.authenticated and verdict.message_id:
+        value = f"message-id:{verdict.message_id.strip().lower()}"
+        keys[hashlib.sha256(value.encode()).hexdigest()] = "message-id"
+    return keys
 
 
 class MessageService:
@@ -213,23 +246,24 @@ class MessageService:
             .limit(1)
             .with_for_update(skip_locked=True)
         )
-        waiting = (
-            select(Message.id)
-            .where(
-                or_(
-                    Message.state == MessageState.RECEIVED,
-                    and_(
-                        Message.state == MessageState.DEFERRED,
-                        Message.next_attempt_at <= now,
-                    ),
-                )
+
+        def oldest(*where: Any) -> Select[Any]:
+            return (
+                select(Message.id)
+                .where(*where)
+                .order_by(Message.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
             )
-            .order_by(Message.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
+
+        # Two index range scans (state, id), not one OR that sorts every waiting message.
+        received = oldest(Message.state == MessageState.RECEIVED)
+        due = oldest(Message.state == MessageState.DEFERRED, Message.next_attempt_at <= now)
         with self.db.writing() as session:
-            ids = list(session.scalars(abandoned)) or list(session.scalars(waiting))
+            ids = list(session.scalars(abandoned))
+            if not ids:
+                waiting = list(session.scalars(received)) + list(session.scalars(due))
+                ids = sorted(waiting)[:limit]
             if not ids:
                 return [], False
             rows = session.execute(
@@ -359,32 +393,41 @@ class MessageService:
         renew: Sequence[Claim] = (),
         release: Sequence[Claim] = (),
     ) -> list[MessageState | None]:
-        """Write results in one transaction; renew or give back the claims not yet processed."""
-        states: list[MessageState | None] = []
+        """Write results in one transaction; renew or give back the claims not yet processed.
+
+        Everything that can be worked out beforehand is, so the transaction (which on SQLite
+        holds the one write lock the listener also needs) is a few statements per batch: the
+        claims still held, the replay keys, and one UPDATE per kind of result."""
         if not results and not renew and not release:
-            return states
+            return []
         now = utcnow()
-        with self.db.writing() as session:
-            ids = [result.claim.message_id for result in results]
-            rows = {
-                row.id: row
-                for row in session.scalars(
-                    select(Message)
-                    .options(defer(Message.raw))
-                    .where(Message.id.in_(ids))
-                    .order_by(Message.id)
-                    .with_for_update()
-                )
-            }
+        keys = {result.claim.message_id: _replay_keys(result) for result in results}
+        with self.db.writing_connection() as connection:
+            held = self._still_held(connection, [result.claim for result in results])
             for result in results:
-                row = rows.get(result.claim.message_id)
-                states.append(self._write_result(session, row, result))
+                if result.claim.message_id not in held:
+                    log.warning(
+                        "message %d: claim lost before it was finished", result.claim.message_id
+                    )
+            mine = [result for result in results if result.claim.message_id in held]
+            self._record_replays(
+                connection,
+                {r.claim.message_id: keys[r.claim.message_id] for r in mine},
+                {r.claim.message_id: r for r in mine},
+                now,
+            )
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for result in mine:
+                row = self._result_row(result, now)
+                groups.setdefault(tuple(row), []).append(row)
+            for group in groups.values():
+                connection.execute(_FINISH, group)
             for claim in renew:
-                session.execute(
+                connection.execute(
                     self._held(claim).values(lease_expires_at=now + self.lease, updated_at=now)
                 )
             for claim in release:
-                session.execute(
+                connection.execute(
                     self._held(claim).values(
                         state=MessageState.RECEIVED,
                         attempts=Message.attempts - 1,
@@ -393,17 +436,100 @@ class MessageService:
                         updated_at=now,
                     )
                 )
-        for result, state in zip(results, states, strict=True):
-            if state is not None:
-                verdict = result.verdict
-                log.info(
-                    "message %d %s (attempt %d)%s",
-                    result.claim.message_id,
-                    state.value,
-                    result.claim.attempts,
-                    f": {verdict.strength.value}" if verdict is not None else "",
-                )
+        states: list[MessageState | None] = []
+        for result in results:
+            if result.claim.message_id not in held:
+                states.append(None)
+                continue
+            state = MessageState(result.values["state"])
+            states.append(state)
+            verdict = result.verdict
+            log.info(
+                "message %d %s (attempt %d)%s",
+                result.claim.message_id,
+                state.value,
+                result.claim.attempts,
+                f": {verdict.strength.value}" if verdict is not None else "",
+            )
         return states
+
+    def _still_held(self, connection: Connection, claims: Sequence[Claim]) -> set[int]:
+        """Ids of the claims that still hold (locked until the end of the transaction): after
+        a lease ran out and another worker took a message over, the late result is dropped."""
+        if not claims:
+            return set()
+        rows = connection.execute(
+            select(Message.id, Message.state, Message.claimed_by, Message.attempts)
+            .where(Message.id.in_([claim.message_id for claim in claims]))
+            .with_for_update()
+        ).all()
+        current = {row.id: row for row in rows}
+        held = set()
+        for claim in claims:
+            row = current.get(claim.message_id)
+            if (
+                row is not None
+                and row.state == MessageState.PROCESSING
+                and row.claimed_by == claim.worker_id
+                and row.attempts == claim.attempts
+            ):
+                held.add(claim.message_id)
+        return held
+
+    @staticmethod
+    def _record_replays(
+        connection: Connection,
+        keys: dict[int, dict[str, str]],
+        results: dict[int, _Result],
+        now: datetime,
+    ) -> None:
+        """Record each message's DKIM signatures and Message-ID; a message with one already
+        seen in another message is a replay and not authenticated. Within a batch the older
+        message keeps the key."""
+        rows = [
+            {"key": key, "kind": kind, "message_id": message_id, "seen_at": now}
+            for message_id, message_keys in sorted(keys.items())
+            for key, kind in message_keys.items()
+        ]
+        if not rows:
+            return
+        dialect = connection.dialect.name
+        insert_ = sqlite_insert if dialect == "sqlite" else pg_insert
+        connection.execute(insert_(ReplayKey).on_conflict_do_nothing(index_elements=["key"]), rows)
+        owners = {
+            row.key: (row.kind, row.message_id)
+            for row in connection.execute(
+                select(ReplayKey.key, ReplayKey.kind, ReplayKey.message_id).where(
+                    ReplayKey.key.in_({row["key"] for row in rows})
+                )
+            )
+        }
+        for message_id, message_keys in keys.items():
+            verdict = results[message_id].verdict
+            assert verdict is not None
+            earlier = [
+                owners[key]
+                for key in message_keys
+                if owners.get(key, (None, message_id))[1] != message_id
+            ]
+            for kind, other in earlier:
+                verdict.reasons.append(f"replay: {kind} already seen in message {other}")
+            if earlier:
+                verdict.authenticated = False
+                verdict.strength = Strength.NONE
+
+    @staticmethod
+    def _result_row(result: _Result, now: datetime) -> dict[str, Any]:
+        row = {"_id": result.claim.message_id, **result.values}
+        verdict = result.verdict
+        if verdict is not None:
+            row |= {
+                "verdict": verdict.to_dict(),
+                "authenticated": verdict.authenticated,
+                "auth_strength": verdict.strength.value,
+            }
+        row |= {"claimed_by": None, "lease_expires_at": None, "updated_at": now}
+        return row
 
     @staticmethod
     def _held(claim: Claim) -> Update:
@@ -414,72 +540,6 @@ class MessageService:
             Message.claimed_by == claim.worker_id,
             Message.attempts == claim.attempts,
         )
-
-    def _write_result(
-        self, session: Session, row: Message | None, result: _Result
-    ) -> MessageState | None:
-        claim, verdict = result.claim, result.verdict
-        values = dict(result.values)
-        # Only the holder of the claim may finish it: after a lease ran out and another
-        # worker took the message over, the late one's result is dropped, not doubled.
-        if (
-            row is None
-            or row.state != MessageState.PROCESSING
-            or row.claimed_by != claim.worker_id
-            or row.attempts != claim.attempts
-        ):
-            log.warning("message %d: claim lost before it was finished", claim.message_id)
-            return None
-        if verdict is not None and values["state"] == MessageState.PROCESSED:
-            self._check_replays(session, row.id, verdict, result.now)
-        if verdict is not None:
-            values |= {
-                "verdict": verdict.to_dict(),
-                "authenticated": verdict.authenticated,
-                "auth_strength": verdict.strength.value,
-            }
-        for key, value in values.items():
-            setattr(row, key, value)
-        row.claimed_by = None
-        row.lease_expires_at = None
-        row.updated_at = utcnow()
-        return MessageState(values["state"])
-
-    @staticmethod
-    def _check_replays(session: Session, message_id: int, verdict: Verdict, now: datetime) -> None:
-        """Record this message's DKIM signatures and Message-ID; if one was seen in another
-        message before, this one is a replay and not authenticated."""
-        keys = {
-            hashlib.sha256(f"dkim:{d.signature_hash}".encode()).hexdigest(): "dkim"
-            for d in verdict.dkim
-            if d.result == "pass" and d.signature_hash
-        }
-        if verdict.authenticated and verdict.message_id:
-            value = f"message-id:{verdict.message_id.strip().lower()}"
-            keys[hashlib.sha256(value.encode()).hexdigest()] = "message-id"
-        if not keys:
-            return
-        insert = sqlite_insert if session.get_bind().dialect.name == "sqlite" else pg_insert
-        session.execute(
-            insert(ReplayKey)
-            .values(
-                [
-                    {"key": key, "kind": kind, "message_id": message_id, "seen_at": now}
-                    for key, kind in keys.items()
-                ]
-            )
-            .on_conflict_do_nothing(index_elements=["key"])
-        )
-        earlier = session.execute(
-            select(ReplayKey.kind, ReplayKey.message_id).where(
-                ReplayKey.key.in_(keys), ReplayKey.message_id != message_id
-            )
-        ).all()
-        for kind, other in earlier:
-            verdict.reasons.append(f"replay: {kind} already seen in message {other}")
-        if earlier:
-            verdict.authenticated = False
-            verdict.strength = Strength.NONE
 
     def process_next(self, worker_id: str, batch_size: int = 1) -> bool:
         """Claim and process up to ``batch_size`` waiting messages; False if none waited."""

@@ -517,3 +517,69 @@ def test_cancelled_caller_of_a_failed_commit_leaves_no_unretrieved_exception(
 
     assert isinstance(result, RuntimeError)
     assert "never retrieved" not in caplog.text
+
+
+def test_store_now_commits_on_the_loop_thread_and_the_thread_path_is_not_used() -> None:
+    thread_store = FakeStore()
+    loop_threads: list[int] = []
+
+    def store_now(batch: Sequence[Arrival]) -> list[int]:
+        loop_threads.append(threading.get_ident())
+        start = 1 + sum(len(b) for b in thread_store.calls) + 100 * len(loop_threads)
+        return list(range(start, start + len(batch)))
+
+    async def scenario() -> tuple[list[int], int]:
+        committer = GroupCommitter(thread_store, store_now=store_now)
+        committer.start()
+        ids = await asyncio.gather(*(committer.store(arrival(i)) for i in range(10)))
+        await committer.close()
+        return ids, threading.get_ident()
+
+    ids, loop_thread = asyncio.run(scenario())
+
+    assert len(set(ids)) == 10
+    assert thread_store.calls == []
+    assert set(loop_threads) == {loop_thread}
+
+
+def test_store_now_that_would_wait_hands_the_batch_to_the_thread() -> None:
+    thread_store = FakeStore()
+    offered: list[int] = []
+
+    def busy(batch: Sequence[Arrival]) -> None:
+        offered.append(len(batch))
+        return None  # the write lock is held elsewhere: nothing written
+
+    async def scenario() -> list[int]:
+        committer = GroupCommitter(thread_store, store_now=busy)
+        committer.start()
+        ids = await asyncio.gather(*(committer.store(arrival(i)) for i in range(5)))
+        await committer.close()
+        return ids
+
+    ids = asyncio.run(scenario())
+
+    assert sum(offered) == 5 == sum(thread_store.sizes)
+    assert [thread_store.stored[i].peer_port for i in ids] == [40000 + i for i in range(5)]
+
+
+def test_store_now_failure_fails_its_callers_without_a_second_attempt() -> None:
+    thread_store = FakeStore()
+
+    def broken(batch: Sequence[Arrival]) -> list[int]:
+        raise OSError("disk I/O error")
+
+    async def scenario() -> list[BaseException | int]:
+        committer = GroupCommitter(thread_store, store_now=broken)
+        committer.start()
+        outcomes = await asyncio.gather(
+            *(committer.store(arrival(i)) for i in range(3)), return_exceptions=True
+        )
+        await committer.close()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+
+    assert all(isinstance(outcome, OSError) for outcome in outcomes)
+    # Never written twice: what failed is reported, not retried on the other path.
+    assert thread_store.calls == []

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import select
 
 from mailproc import db
 from mailproc.intake import Arrival
@@ -123,6 +124,98 @@ def test_concurrent_workers_never_claim_the_same_message(service: MessageService
         thread.join(60)
     assert sorted(claimed) == sorted(set(claimed))
     assert len(claimed) == 40
+
+
+def test_store_now_writes_when_the_lock_is_free_and_nothing_while_it_is_held(
+    service: MessageService,
+) -> None:
+    if service.db.dialect != "sqlite":
+        # PostgreSQL has no such path: the listener always commits from its thread.
+        assert service.store_batch_now([arrival()]) is None
+        assert service.counts() == {}
+        return
+    [first] = service.store_batch_now([arrival()]) or []
+    assert service.get(first).state == MessageState.RECEIVED
+    with service.db.writing() as session:  # another writer holds SQLite's write lock
+        session.execute(select(Message.id).limit(1))
+        started = time.monotonic()
+        assert service.store_batch_now([arrival(), arrival()]) is None
+        assert time.monotonic() - started < 1.0  # answered at once, not after the busy timeout
+    assert service.counts() == {"received": 1}
+    [second] = service.store_batch_now([arrival()]) or []
+    assert second > first
+
+
+def test_a_batch_claim_takes_the_oldest_waiting_messages_once(service: MessageService) -> None:
+    ids = service.store_batch([arrival() for _ in range(7)])
+    first = service.claim_batch("a", 5)
+    second = service.claim_batch("b", 5)
+    assert [c.message_id for c in first] == ids[:5]
+    assert [c.message_id for c in second] == ids[5:]
+    assert service.claim_batch("c", 5) == []
+    states = service.process_batch(first + second)
+    assert states == [MessageState.PROCESSED] * 7
+    assert service.counts() == {"processed": 7}
+
+
+def test_a_message_left_by_a_dead_worker_is_retried_alone(service: MessageService) -> None:
+    ids = service.store_batch([arrival() for _ in range(4)])
+    service.lease = timedelta(milliseconds=1)
+    died = service.claim_batch("died", 4)
+    assert len(died) == 4
+    time.sleep(0.05)
+    service.lease = timedelta(seconds=60)
+    # One at a time: a message that kills its worker cannot use up its neighbours' attempts.
+    for message_id in ids:
+        [claim] = service.claim_batch("next", 10)
+        assert (claim.message_id, claim.attempts) == (message_id, 2)
+        assert service.process(claim) == MessageState.PROCESSED
+
+
+def test_a_long_batch_writes_results_as_it_goes_and_renews_the_rest(
+    service: MessageService,
+) -> None:
+    ids = service.store_batch([arrival() for _ in range(3)])
+    claims = service.claim_batch("w", 3)
+    leases: list[list[object]] = []
+
+    def lease_of_rest() -> bool:
+        with service.db.reading() as session:
+            leases.append(
+                [
+                    (m.state, m.lease_expires_at)
+                    for m in session.scalars(select(Message).where(Message.id.in_(ids)))
+                ]
+            )
+        return False
+
+    # flush_seconds=0: every message's result is written before the next one starts.
+    assert (
+        service.process_batch(claims, flush_seconds=0, stop=lease_of_rest)
+        == [MessageState.PROCESSED] * 3
+    )
+    # Before the second message: the first is finished, the other two still held, renewed.
+    (first, _), (second, renewed), (third, _) = leases[0]
+    assert first == MessageState.PROCESSED
+    assert second == third == MessageState.PROCESSING
+    assert renewed is not None
+    assert renewed > utcnow() + timedelta(seconds=50)
+
+
+def test_stop_in_a_batch_writes_what_is_done_and_gives_back_the_rest(
+    service: MessageService,
+) -> None:
+    ids = service.store_batch([arrival() for _ in range(4)])
+    claims = service.claim_batch("w", 4)
+    checks = iter([False, True])
+    states = service.process_batch(claims, stop=lambda: next(checks))
+    assert states == [MessageState.PROCESSED, MessageState.PROCESSED, None, None]
+    given_back = [service.get(i) for i in ids[2:]]
+    assert [m.state for m in given_back] == [MessageState.RECEIVED] * 2
+    assert [m.attempts for m in given_back] == [0, 0]
+    assert all(m.claimed_by is None for m in given_back)
+    # Taken at once by the next worker, without waiting for a lease to run out.
+    assert [c.message_id for c in service.claim_batch("next", 4)] == ids[2:]
 
 
 def test_expired_lease_is_taken_over_and_the_late_result_dropped(
