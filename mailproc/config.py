@@ -84,6 +84,14 @@ def _positive_float(value: Any) -> float:
     return float(value)
 
 
+def _non_negative_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, got {_type_name(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return float(value)
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = _str(value)
@@ -233,6 +241,7 @@ class WorkerSettings:
     lease_seconds: float = _key(60.0, _positive_float, "float")
     max_attempts: int = _key(5, _positive_int, "int")
     batch_size: int = _key(20, _positive_int, "int")
+    intake_yield: float = _key(1.0, _non_negative_float, "float")
 
 
 def _nameserver(value: Any) -> str:

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from multiprocessing.context import SpawnProcess
+from multiprocessing.sharedctypes import Synchronized
 from multiprocessing.synchronize import Event
 
 from mailproc.config import Settings
@@ -29,13 +30,21 @@ log = logging.getLogger(__name__)
 SPAWN = multiprocessing.get_context("spawn")
 # Results of a long batch are written at least this often, renewing the leases of the rest.
 FLUSH_SECONDS = 1.0
+# The listener counts as busy for this long after a commit (see ``pause_for_intake``).
+INTAKE_ACTIVE_SECONDS = 0.5
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = None) -> None:
+def work(
+    settings: Settings,
+    wake: Event,
+    stop: Event,
+    parent_pid: int | None = None,
+    last_commit: Synchronized[float] | None = None,
+) -> None:
     """The worker loop: process messages until ``stop`` is set (finishing the one in hand), or
     until the parent process is gone."""
     # A lost verdict is re-derived (the claim's lease runs out); only intake must wait for disk.
@@ -55,7 +64,9 @@ def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = 
                 claims = service.claim_batch(worker_id, settings.worker.batch_size)
                 busy = bool(claims)
                 if busy:
+                    started = time.monotonic()
                     service.process_batch(claims, flush_seconds=FLUSH_SECONDS, stop=stop.is_set)
+                    pause_for_intake(settings, last_commit, stop, time.monotonic() - started)
             except Exception:
                 # The database is away or something failed outside one message: the message
                 # stays claimed until its lease runs out, then any worker takes it again.
@@ -69,7 +80,25 @@ def work(settings: Settings, wake: Event, stop: Event, parent_pid: int | None = 
         log.info("worker %s stopped", worker_id)
 
 
-def _child(settings: Settings, wake: Event, stop: Event, parent_pid: int) -> None:
+def pause_for_intake(
+    settings: Settings, last_commit: Synchronized[float] | None, stop: Event, worked: float
+) -> None:
+    """Intake first: while the listener is storing mail, rest ``intake_yield`` times as long
+    as the last batch took, leaving the CPU and SQLite's write lock to the sessions waiting for
+    their ``250``. Stored mail waits safely; a backlog is worked off as soon as intake calms."""
+    if not settings.worker.intake_yield or last_commit is None:
+        return
+    if time.monotonic() - last_commit.value < INTAKE_ACTIVE_SECONDS:
+        stop.wait(worked * settings.worker.intake_yield)
+
+
+def _child(
+    settings: Settings,
+    wake: Event,
+    stop: Event,
+    parent_pid: int,
+    last_commit: Synchronized[float] | None = None,
+) -> None:
     setup_logging(settings.logging.level)
     # When CPU is short, the SMTP sessions waiting for their 250 go first; stored mail waits.
     if settings.worker.nice:
@@ -77,7 +106,7 @@ def _child(settings: Settings, wake: Event, stop: Event, parent_pid: int) -> Non
     # The parent decides when we stop; a Ctrl-C in the terminal reaches us too, so ignore it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    work(settings, wake, stop, parent_pid)
+    work(settings, wake, stop, parent_pid, last_commit)
 
 
 class WorkerProcesses:
@@ -88,6 +117,8 @@ class WorkerProcesses:
         self.count = settings.worker.processes
         self._wake = SPAWN.Event()
         self._stop = SPAWN.Event()
+        # When the listener last committed (CLOCK_MONOTONIC, shared by every process).
+        self._last_commit: Synchronized[float] = SPAWN.Value("d", 0.0)
         self._processes: list[SpawnProcess] = []
         self._supervisor: asyncio.Task[None] | None = None
         self.restarts = 0
@@ -95,7 +126,7 @@ class WorkerProcesses:
     def _spawn(self) -> SpawnProcess:
         process = SPAWN.Process(
             target=_child,
-            args=(self.settings, self._wake, self._stop, os.getpid()),
+            args=(self.settings, self._wake, self._stop, os.getpid(), self._last_commit),
             name="mailproc-worker",
             daemon=False,
         )
@@ -107,6 +138,8 @@ class WorkerProcesses:
         self._supervisor = asyncio.create_task(self._supervise(), name="worker-supervisor")
 
     def wake(self) -> None:
+        """Called after every intake commit: there is new mail, and intake is busy."""
+        self._last_commit.value = time.monotonic()
         self._wake.set()
 
     @property
