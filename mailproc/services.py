@@ -52,6 +52,9 @@ class Claim:
     attempts: int
 
 
+_MESSAGE = Base.metadata.tables["message"]
+
+
 @dataclass(frozen=True)
 class _Input:
     raw: bytes
@@ -111,7 +114,6 @@ class RawInsert:
         return ids
 
 
-_MESSAGE = Base.metadata.tables["message"]
 # A worker's results, executed with one parameter set per message (its id as ``_id``).
 _FINISH = update(_MESSAGE).where(_MESSAGE.c.id == bindparam("_id"))
 
@@ -149,9 +151,7 @@ class MessageService:
         self.retry_base = timedelta(minutes=1)
         self.retry_max = timedelta(minutes=retry_max_minutes)
         self._sqlite_insert = (
-            RawInsert(Base.metadata.tables["message"], database.engine.dialect)
-            if database.dialect == "sqlite"
-            else None
+            RawInsert(_MESSAGE, database.engine.dialect) if database.dialect == "sqlite" else None
         )
 
     @classmethod
@@ -173,8 +173,7 @@ class MessageService:
             if self._sqlite_insert is not None:
                 return self._sqlite_insert(connection, rows)
             # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
-            table = Base.metadata.tables["message"]
-            statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+            statement = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
             return list(connection.execute(statement, rows).scalars())
 
     def store_batch_now(self, arrivals: Sequence[Arrival]) -> list[int] | None:

@@ -336,6 +336,32 @@ def test_replayed_signature_is_caught_on_every_backend(database_url: str, zone: 
         database.dispose()
 
 
+def test_replay_within_one_batch_is_caught_and_the_older_copy_keeps_the_key(
+    database_url: str, zone: ZoneServer
+) -> None:
+    key = rsa_key(1024, selector="batchreplay")
+    publish(zone, key)
+    database = db.Database(database_url)
+    db.upgrade(database)
+    try:
+        service = MessageService.from_settings(database, settings_for(database_url))
+        raw = sign(build_message(), key)
+        first, second, third = service.store_batch([arrival(raw), arrival(raw), arrival(raw)])
+        claims = service.claim_batch("w", 10)
+        assert len(claims) == 3
+        service.process_batch(claims)
+        original = service.get(first)
+        assert original.authenticated is True
+        for copy in (second, third):
+            replay = service.get(copy)
+            assert replay.authenticated is False
+            assert replay.auth_strength == "none"
+            assert replay.verdict is not None
+            assert f"replay: dkim already seen in message {first}" in replay.verdict["reasons"]
+    finally:
+        database.dispose()
+
+
 def test_dns_outage_defers_with_backoff_on_every_backend(
     database_url: str, zone: ZoneServer
 ) -> None:
