@@ -14,7 +14,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,8 @@ class Database:
         self.durable = durable
         self.engine = create_db_engine(url, durable)
         self._nowait_engine: Engine | None = None
+        self._nowait_checkout: Any = None
+        self._nowait: Any = None
         self.dialect = self.engine.dialect.name
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write_engine = self.engine.execution_options(**{_WRITE: True})
@@ -103,27 +104,44 @@ class Database:
             yield connection
 
     @contextmanager
-    def writing_connection_nowait(self) -> Iterator[Connection]:
-        """SQLite only: like ``writing_connection``, but raises ``LockBusy`` at once, having
-        written nothing, when another connection holds the write lock. For a caller that
-        must not block (the listener's event loop) and has a waiting path to fall back on."""
-        if self._nowait_engine is None:
+    def writing_cursor_nowait(self) -> Iterator[Any]:
+        """SQLite only: one write transaction on a DBAPI cursor of a connection kept for this
+        use alone, for a caller that must not block (the listener's event loop) and has a
+        waiting path to fall back on. Raises ``LockBusy`` at once, having written nothing,
+        when another connection holds the write lock; commits on normal exit, rolls back on
+        an exception. The connection is set up like every other (WAL, ``synchronous``)."""
+        if self._nowait is None:
             if self.dialect != "sqlite":
                 raise LockBusy("only SQLite has a no-wait write path")
-            self._nowait_engine = create_db_engine(
-                self.url, self.durable, wait_for_lock=False
-            ).execution_options(**{_WRITE: True})
+            self._nowait_engine = create_db_engine(self.url, self.durable, wait_for_lock=False)
+            # Checked out of its pool for good (kept here, so it is never handed back).
+            self._nowait_checkout = self._nowait_engine.raw_connection()
+            self._nowait = self._nowait_checkout.driver_connection
+        connection = self._nowait
+        assert connection is not None
+        cursor = connection.cursor()
         try:
-            with self._nowait_engine.begin() as connection:
-                yield connection
-        except OperationalError as exc:
-            code = getattr(exc.orig, "sqlite_errorcode", None)
-            if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise LockBusy(str(exc.orig)) from exc
-            raise
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise LockBusy(str(exc)) from exc
+                raise
+            try:
+                yield cursor
+                cursor.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.rollback()
+                raise
+        finally:
+            cursor.close()
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._nowait_checkout is not None:
+            self._nowait_checkout.close()
+            self._nowait_checkout = self._nowait = None
         if self._nowait_engine is not None:
             self._nowait_engine.dispose()
 

@@ -97,20 +97,16 @@ class RawInsert:
             statement = self._statements[keys] = (str(compiled), processors)
         return statement
 
-    def __call__(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
-        cursor = connection.connection.cursor()
+    def __call__(self, cursor: Any, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert ``rows`` with ``cursor``, a DBAPI cursor inside a write transaction."""
         ids = []
-        try:
-            for row in rows:
-                sql, processors = self._statement(tuple(row))
-                values = [
-                    row[name] if process is None else process(row[name])
-                    for name, process in processors
-                ]
-                cursor.execute(sql, values)
-                ids.append(cursor.lastrowid)
-        finally:
-            cursor.close()
+        for row in rows:
+            sql, processors = self._statement(tuple(row))
+            values = [
+                row[name] if process is None else process(row[name]) for name, process in processors
+            ]
+            cursor.execute(sql, values)
+            ids.append(cursor.lastrowid)
         return ids
 
 
@@ -171,7 +167,11 @@ class MessageService:
         rows = self._intake_rows(arrivals)
         with self.db.writing_connection() as connection:
             if self._sqlite_insert is not None:
-                return self._sqlite_insert(connection, rows)
+                cursor = connection.connection.cursor()
+                try:
+                    return self._sqlite_insert(cursor, rows)
+                finally:
+                    cursor.close()
             # One Core INSERT ... RETURNING for the whole batch: no ORM bookkeeping per row.
             statement = insert(_MESSAGE).returning(_MESSAGE.c.id, sort_by_parameter_order=True)
             return list(connection.execute(statement, rows).scalars())
@@ -184,8 +184,8 @@ class MessageService:
             return None
         rows = self._intake_rows(arrivals)
         try:
-            with self.db.writing_connection_nowait() as connection:
-                return self._sqlite_insert(connection, rows)
+            with self.db.writing_cursor_nowait() as cursor:
+                return self._sqlite_insert(cursor, rows)
         except LockBusy:
             return None
 

@@ -146,6 +146,28 @@ def test_store_now_writes_when_the_lock_is_free_and_nothing_while_it_is_held(
     assert second > first
 
 
+def test_store_now_that_fails_half_way_writes_nothing_and_stays_usable(
+    service: MessageService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if service.db.dialect != "sqlite":
+        pytest.skip("the no-wait path is SQLite's")
+    insert = service._sqlite_insert
+    assert insert is not None
+
+    def fails_after_one_row(cursor: object, rows: list[dict[str, object]]) -> list[int]:
+        insert(cursor, rows[:1])
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(service, "_sqlite_insert", fails_after_one_row)
+    with pytest.raises(OSError):
+        service.store_batch_now([arrival(), arrival()])
+    monkeypatch.undo()
+    assert service.counts() == {}
+    ids = service.store_batch_now([arrival()])
+    assert ids is not None
+    assert service.counts() == {"received": 1}
+
+
 def test_a_batch_claim_takes_the_oldest_waiting_messages_once(service: MessageService) -> None:
     ids = service.store_batch([arrival() for _ in range(7)])
     first = service.claim_batch("a", 5)
