@@ -185,6 +185,20 @@ def _existing_file_or_empty(value: Any) -> str:
     return text
 
 
+def _existing_dir_or_empty(value: Any) -> str:
+    text = _str(value)
+    if text and not Path(text).is_dir():
+        raise ValueError(f"folder not found: {text!r}")
+    return text
+
+
+def _url(value: Any) -> str:
+    text = _str(value)
+    if not text.startswith(("https://", "http://")):
+        raise ValueError(f"expected an http(s) URL, got {text!r}")
+    return text
+
+
 def _log_level(value: Any) -> str:
     return _one_of("debug", "info", "warning", "error")(value)
 
@@ -299,6 +313,33 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class TemplatesSettings:
+    path: str = _key("", _existing_dir_or_empty, "str")
+    product_name: str = _key("Example", _str, "str")
+    forgot_password_url: str = _key("https://example.com/forgot-password", _url, "str")
+    default_locale: str = _key("en", _str, "str")
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    relay: ListenAddress = _key(ListenAddress("127.0.0.1", 2526), _listen, "str")
+    from_address: str = _key("support@example.com", _address, "str")
+    starttls: bool = _key(False, _bool, "bool")
+    username: str = _key("", _str, "str")
+    password: str = _key("", _str, "str")
+    timeout_seconds: float = _key(30.0, _positive_float, "float")
+    dkim_selector: str = _key("", _str, "str")
+    dkim_domain: str = _key("", _hostname, "str")
+    dkim_private_key_file: str = _key("", _existing_file_or_empty, "str")
+    max_attempts: int = _key(10, _positive_int, "int")
+    retry_base_seconds: float = _key(60.0, _positive_float, "float")
+    retry_max_seconds: float = _key(3600.0, _positive_float, "float")
+    poll_interval_seconds: float = _key(10.0, _positive_float, "float")
+    lease_seconds: float = _key(120.0, _positive_float, "float")
+    replies_per_recipient_per_day: int = _key(5, _positive_int, "int")
+
+
+@dataclass(frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -306,6 +347,8 @@ class Settings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    templates: TemplatesSettings = field(default_factory=TemplatesSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -403,6 +446,21 @@ def _cross_checks(settings: Settings) -> None:
             f"{settings.where('auth', 'min_rsa_bits')}: RFC 8301 forbids accepting RSA keys "
             "shorter than 1024 bits"
         )
+    outbound = settings.outbound
+    dkim = {
+        "dkim_selector": outbound.dkim_selector,
+        "dkim_domain": outbound.dkim_domain,
+        "dkim_private_key_file": outbound.dkim_private_key_file,
+    }
+    if any(dkim.values()) and not all(dkim.values()):
+        given = next(key for key, value in dkim.items() if value)
+        missing = ", ".join(key for key, value in dkim.items() if not value)
+        raise ConfigError(
+            f"{settings.where('outbound', given)}: outbound DKIM signing needs {missing} too "
+            "(all three or none)"
+        )
+    if outbound.password and not outbound.username:
+        raise ConfigError(f"{settings.where('outbound', 'password')}: needs username too")
     if smtp.tls_cert_file:
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(

@@ -87,7 +87,16 @@ def test_example_config_gives_exactly_the_builtin_defaults() -> None:
 def test_example_config_sets_every_key_of_every_section() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
 
-    assert set(SECTIONS) == {"smtp", "database", "worker", "dns", "auth", "logging"}
+    assert set(SECTIONS) == {
+        "smtp",
+        "database",
+        "worker",
+        "dns",
+        "auth",
+        "logging",
+        "templates",
+        "outbound",
+    }
     assert set(data) == set(SECTIONS)
     for section, cls in SECTIONS.items():
         assert set(data[section]) == {f.name for f in dataclasses.fields(cls)}, section
