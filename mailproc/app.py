@@ -7,13 +7,18 @@ import asyncio
 import logging
 import os
 import signal
+from datetime import UTC, datetime
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from mailproc import db
 from mailproc.config import Settings
 from mailproc.intake import GroupCommitter
+from mailproc.outbox import OutboxSender
+from mailproc.rendering import Templates
 from mailproc.services import MessageService
 from mailproc.smtp import Connections, protocol_factory
-from mailproc.worker import WorkerProcesses
+from mailproc.worker import WorkerProcesses, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,12 @@ class App:
         self.connections = Connections(limit=settings.smtp.max_sessions)
         self.server: asyncio.Server | None = None
         self.smtp_port: int | None = None
+        # Bad templates or an unusable DKIM key stop us here, not at the first reply.
+        Templates.from_settings(settings.templates).check()
+        self.sender = OutboxSender(settings, self.database, new_worker_id())
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self._delivering = asyncio.Lock()
+        self._stopping = False
 
     async def start(self) -> None:
         if self.settings.database.migrate_on_start:
@@ -55,6 +66,16 @@ class App:
         self.smtp_port = self.server.sockets[0].getsockname()[1]
         if self.worker.count:
             self.worker.start()
+        self.scheduler.add_job(
+            self.deliver_outbox,
+            "interval",
+            seconds=self.settings.outbound.poll_interval_seconds,
+            next_run_time=datetime.now(UTC),
+            id="outbox",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
         log.info(
             "mailproc %s listening on %s:%d (database %s)",
             self.settings.smtp.protocol.upper(),
@@ -72,8 +93,24 @@ class App:
         await self.connections.drain(self.settings.smtp.shutdown_grace_seconds)
         await self.intake.close()
         await self.worker.stop(self.settings.smtp.shutdown_grace_seconds)
+        self._stopping = True
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        async with self._delivering:  # the attempt in hand is finished and recorded
+            pass
         self.database.dispose()
         log.info("stopped")
+
+    async def deliver_outbox(self) -> None:
+        """The scheduler's outbox job: deliver every reply that is due."""
+        if self._stopping or self._delivering.locked():
+            return
+        async with self._delivering:
+            try:
+                await self.sender.run_once(stop=lambda: self._stopping)
+            except Exception:
+                # The database is away, say: nothing is lost, the next run tries again.
+                log.exception("outbox delivery failed; trying again at the next run")
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()

@@ -388,3 +388,98 @@ def messages_retry(ctx: Context, message_id: int, as_json: bool) -> None:
         click.echo(json.dumps(message_dict(message)))
     else:
         click.echo(f"message {message.id} is {message.state.value} again and will be processed")
+
+
+@main.group("templates")
+def templates_group() -> None:
+    """Reply templates."""
+
+
+class UnknownTemplate(click.ClickException):
+    exit_code = 2
+
+
+@contextmanager
+def _template_errors() -> Iterator[None]:
+    from mailproc.rendering import TemplateError
+
+    try:
+        yield
+    except TemplateError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@templates_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def templates_list(ctx: Context, as_json: bool) -> None:
+    """List the reply templates with their locales (+html: with an HTML body)."""
+    from mailproc.rendering import TEMPLATE_NAMES, Templates
+
+    with _template_errors():
+        templates = Templates.from_settings(ctx.settings.templates)
+        rows: list[dict[str, Any]] = [
+            {
+                "name": name,
+                "locales": [
+                    {"locale": locale, "html": templates.has_html(name, locale)}
+                    for locale in templates.locales(name)
+                ],
+            }
+            for name in TEMPLATE_NAMES
+        ]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "folder": str(templates.folder),
+                    "default_locale": templates.default_locale,
+                    "templates": rows,
+                },
+                indent=2,
+            )
+        )
+        return
+    click.echo(f"{'NAME':<24}  LOCALES")
+    for row in rows:
+        locales = [f"{x['locale']}{'+html' if x['html'] else ''}" for x in row["locales"]]
+        click.echo(f"{row['name']:<24}  {', '.join(locales) or 'missing'}")
+    click.echo(f"\nfolder: {templates.folder} (default locale {templates.default_locale})")
+
+
+@templates_group.command("check")
+@pass_context
+def templates_check(ctx: Context) -> None:
+    """Check that every template is there, compiles and renders (0 if so)."""
+    from mailproc.rendering import Templates
+
+    with _template_errors():
+        templates = Templates.from_settings(ctx.settings.templates)
+        templates.check()
+    click.echo(f"templates OK ({templates.folder})")
+
+
+@templates_group.command("preview")
+@click.argument("name")
+@click.option("--locale", help="The recipient's locale, e.g. de-AT (default: the default locale).")
+@click.option("--html", "with_html", is_flag=True, help="Show the HTML body too.")
+@pass_context
+def templates_preview(ctx: Context, name: str, locale: str | None, with_html: bool) -> None:
+    """Render template NAME with sample values: its subject, text body and optionally HTML."""
+    from mailproc.rendering import TEMPLATE_NAMES, Templates, normalize_locale
+
+    if name not in TEMPLATE_NAMES:
+        raise UnknownTemplate(f"unknown template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+    with _template_errors():
+        templates = Templates.from_settings(ctx.settings.templates)
+        rendered = templates.render(name, locale, templates.sample_context(name, locale))
+    if locale and rendered.locale != normalize_locale(locale):
+        click.echo(f"(no {locale} template for {name}; showing {rendered.locale})", err=True)
+    click.echo(f"Subject: {rendered.subject}\n")
+    click.echo(rendered.text, nl=not rendered.text.endswith("\n"))
+    if with_html:
+        click.echo(f"\n{'-' * 30} HTML {'-' * 30}")
+        if rendered.html is None:
+            click.echo(f"(no HTML body for {name} in {rendered.locale}: replies are text only)")
+        else:
+            click.echo(rendered.html, nl=not rendered.html.endswith("\n"))

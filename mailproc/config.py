@@ -459,6 +459,12 @@ def _cross_checks(settings: Settings) -> None:
             f"{settings.where('outbound', given)}: outbound DKIM signing needs {missing} too "
             "(all three or none)"
         )
+    if outbound.lease_seconds < 4 * outbound.timeout_seconds:
+        raise ConfigError(
+            f"{settings.where('outbound', 'lease_seconds')}: must be at least 4 times "
+            f"timeout_seconds ({outbound.timeout_seconds:g}), so that no reply still being sent "
+            "is taken over and sent twice"
+        )
     if outbound.password and not outbound.username:
         raise ConfigError(f"{settings.where('outbound', 'password')}: needs username too")
     if smtp.tls_cert_file:

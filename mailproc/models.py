@@ -144,3 +144,60 @@ class ReplayKey(Base):
     kind: Mapped[str] = mapped_column(String(16))
     message_id: Mapped[int] = mapped_column(BigID, ForeignKey("message.id", ondelete="CASCADE"))
     seen_at: Mapped[datetime]
+
+
+class OutboxState(enum.StrEnum):
+    """Where an outgoing reply is. ``pending`` waits for its (next) attempt; ``suppressed`` was
+    never to be sent (loop and backscatter rules, rate limit) and says why."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    SUPPRESSED = "suppressed"
+
+
+class OutboxEntry(Base):
+    """One reply to send, written in the same transaction as the change that caused it; the
+    sender delivers it through the relay, retrying, and never again once it was accepted."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    state: Mapped[OutboxState] = mapped_column(
+        Enum(
+            OutboxState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+            validate_strings=True,
+            create_constraint=True,
+            name="outbox_state",
+        )
+    )
+    template: Mapped[str] = mapped_column(String(64))
+    locale: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(String(320))
+    subject: Mapped[str] = mapped_column(Text)
+    # Our Message-ID for the reply (without angle brackets): the same on every attempt.
+    message_id_header: Mapped[str] = mapped_column(String(255), unique=True)
+    # The composed message, unsigned (a DKIM signature is added at each attempt).
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    source_message_id: Mapped[int | None] = mapped_column(
+        BigID, ForeignKey("message.id", ondelete="SET NULL")
+    )
+    suppressed_reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    relay_reply: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_outbox_recipient_created_at", "recipient", "created_at"),
+    )

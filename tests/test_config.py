@@ -873,3 +873,36 @@ def test_cli_config_check_without_config_uses_builtin_defaults(runner) -> None:
 
     assert result.exit_code == 0, result.output
     assert result.stdout == "configuration OK (built-in defaults)\n"
+
+
+def test_partial_outbound_dkim_settings_are_an_error(write) -> None:
+    path = write('[outbound]\ndkim_selector = "replies"\n')
+
+    assert load_error(path) == (
+        f"{path}: [outbound] dkim_selector: outbound DKIM signing needs dkim_domain, "
+        "dkim_private_key_file too (all three or none)"
+    )
+
+
+def test_outbound_lease_shorter_than_an_attempt_is_an_error(write) -> None:
+    path = write("[outbound]\ntimeout_seconds = 30\nlease_seconds = 60\n")
+
+    message = load_error(path)
+
+    assert message.startswith(f"{path}: [outbound] lease_seconds: must be at least 4 times")
+
+
+def test_outbound_password_comes_from_the_environment(write) -> None:
+    path = write('[outbound]\nusername = "mailproc"\n')
+
+    settings = load_settings(path, env={"MAILPROC_OUTBOUND_PASSWORD": "s3cret"})
+
+    assert (settings.outbound.username, settings.outbound.password) == ("mailproc", "s3cret")
+
+
+def test_templates_path_must_be_a_folder(write, tmp_path: Path) -> None:
+    path = write(f'[templates]\npath = "{tmp_path / "missing"}"\n')
+
+    assert load_error(path) == (
+        f"{path}: [templates] path: folder not found: '{tmp_path / 'missing'}'"
+    )
