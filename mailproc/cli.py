@@ -18,7 +18,8 @@ from mailproc import __version__, db
 from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailproc.logs import setup_logging
-from mailproc.models import Message, MessageState, utcnow
+from mailproc.models import Message, MessageState, OutboxEntry, OutboxState, utcnow
+from mailproc.rendering import TemplateError
 from mailproc.services import InvalidState, MessageService, NotFound
 
 EX_CONFIG = 78
@@ -34,7 +35,8 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a person can act on into one line, never a traceback."""
     try:
         yield
-    except ConfigError as exc:
+    except (ConfigError, TemplateError) as exc:
+        # A broken template is a configuration problem too: it names its file.
         raise ConfigProblem(str(exc)) from None
     except (NotFound, InvalidState) as exc:
         raise click.ClickException(str(exc)) from None
@@ -231,8 +233,15 @@ def config_group() -> None:
 @config_group.command("check")
 @pass_context
 def config_check(ctx: Context) -> None:
-    """Validate the configuration and exit (0 if valid)."""
+    """Validate the configuration and the files it names (reply templates, DKIM key); exit 0
+    if all is well."""
+    from mailproc.outbox import Signer
+    from mailproc.rendering import Templates
+
     settings = ctx.settings
+    with _user_errors():
+        Templates.from_settings(settings.templates).check()
+        Signer.from_settings(settings)
     for warning in settings.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(f"configuration OK ({settings.source})")
@@ -483,3 +492,93 @@ def templates_preview(ctx: Context, name: str, locale: str | None, with_html: bo
             click.echo(f"(no HTML body for {name} in {rendered.locale}: replies are text only)")
         else:
             click.echo(rendered.html, nl=not rendered.html.endswith("\n"))
+
+
+@main.group("outbox")
+def outbox_group() -> None:
+    """Replies: queued, sent, failed and suppressed."""
+
+
+def outbox_dict(entry: OutboxEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "state": entry.state.value,
+        "template": entry.template,
+        "locale": entry.locale,
+        "recipient": entry.recipient,
+        "subject": entry.subject,
+        "message_id": entry.message_id_header,
+        "source_message_id": entry.source_message_id,
+        "suppressed_reason": entry.suppressed_reason,
+        "attempts": entry.attempts,
+        "next_attempt_at": entry.next_attempt_at.isoformat() if entry.next_attempt_at else None,
+        "last_error": entry.last_error,
+        "relay_reply": entry.relay_reply,
+        "created_at": entry.created_at.isoformat(),
+        "sent_at": entry.sent_at.isoformat() if entry.sent_at else None,
+    }
+
+
+@outbox_group.command("list")
+@click.option("--state", type=click.Choice([s.value for s in OutboxState]), default=None)
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def outbox_list(ctx: Context, state: str | None, limit: int, as_json: bool) -> None:
+    """List replies, newest first."""
+    from mailproc.outbox import OutboxAdmin
+
+    admin = OutboxAdmin(ctx.database())
+    rows = _run(lambda: admin.list(OutboxState(state) if state else None, limit))
+    if as_json:
+        click.echo(json.dumps([outbox_dict(entry) for entry in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no replies")
+        return
+    click.echo(f"{'ID':>8}  {'STATE':<10}  {'CREATED':<19}  {'TEMPLATE':<24}  {'TO':<32}  NOTE")
+    for entry in rows:
+        note = entry.suppressed_reason or entry.last_error or entry.relay_reply or ""
+        click.echo(
+            f"{entry.id:>8}  {entry.state.value:<10}  {entry.created_at:%Y-%m-%d %H:%M:%S}  "
+            f"{entry.template + '/' + entry.locale:<24}  {_printable(entry.recipient)[:32]:<32}  "
+            f"{_printable(note)[:60]}"
+        )
+    counts = _run(admin.counts)
+    click.echo("\nall replies: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+@outbox_group.command("show")
+@click.argument("outbox_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--raw", is_flag=True, help="Write the reply's exact bytes (unsigned) to stdout.")
+@pass_context
+def outbox_show(ctx: Context, outbox_id: int, as_json: bool, raw: bool) -> None:
+    """Show one reply."""
+    from mailproc.outbox import OutboxAdmin
+
+    entry = _run(lambda: OutboxAdmin(ctx.database()).get(outbox_id))
+    if raw:
+        sys.stdout.buffer.write(entry.content)
+        return
+    data = outbox_dict(entry)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key + ':':<19}{'' if value is None else _printable(str(value))}")
+
+
+@outbox_group.command("retry")
+@click.argument("outbox_id", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@pass_context
+def outbox_retry(ctx: Context, outbox_id: int, as_json: bool) -> None:
+    """Send a failed reply again (at the sender's next run)."""
+    from mailproc.outbox import OutboxAdmin
+
+    entry = _run(lambda: OutboxAdmin(ctx.database()).retry(outbox_id))
+    if as_json:
+        click.echo(json.dumps(outbox_dict(entry)))
+    else:
+        click.echo(f"reply {entry.id} is {entry.state.value} again and will be sent")

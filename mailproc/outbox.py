@@ -28,13 +28,14 @@ from typing import Any
 import aiosmtplib
 import dkim
 from sqlalchemy import Connection, func, insert, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from mailproc.addresses import normalize_address
 from mailproc.config import ConfigError, Settings
 from mailproc.db import Database
 from mailproc.models import Message, OutboxEntry, OutboxState, utcnow
 from mailproc.rendering import Templates
+from mailproc.services import InvalidState, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,13 @@ def compose(
 class Signer:
     """DKIM signatures for replies, when ``[outbound] dkim_*`` are set."""
 
-    def __init__(self, selector: str, domain: str, key_file: str) -> None:
+    def __init__(
+        self,
+        selector: str,
+        domain: str,
+        key_file: str,
+        where: str = "[outbound] dkim_private_key_file",
+    ) -> None:
         self.selector = selector.encode()
         self.domain = domain.encode()
         try:
@@ -303,16 +310,19 @@ class Signer:
                 include_headers=[b"from"],
             )
         except (OSError, dkim.DKIMException, ValueError) as exc:
-            raise ConfigError(
-                f"[outbound] dkim_private_key_file: cannot sign with {key_file!r}: {exc}"
-            ) from None
+            raise ConfigError(f"{where}: cannot sign with {key_file!r}: {exc}") from None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Signer | None:
         outbound = settings.outbound
         if not outbound.dkim_selector:
             return None
-        return cls(outbound.dkim_selector, outbound.dkim_domain, outbound.dkim_private_key_file)
+        return cls(
+            outbound.dkim_selector,
+            outbound.dkim_domain,
+            outbound.dkim_private_key_file,
+            settings.where("outbound", "dkim_private_key_file"),
+        )
 
     def sign(self, content: bytes) -> bytes:
         signature: bytes = dkim.sign(
@@ -539,3 +549,56 @@ def _classified(code: int, message: str) -> Exception:
     if 500 <= code < 600:
         return PermanentFailure(f"relay refused it: {text}")
     return TemporaryFailure(f"relay deferred it: {text}")
+
+
+# -- operations ------------------------------------------------------------------------------
+
+
+class OutboxAdmin:
+    """What operators do with the outbox: look, and send a failed reply again."""
+
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def list(self, state: OutboxState | None = None, limit: int = 50) -> list[OutboxEntry]:
+        query = (
+            select(OutboxEntry)
+            .options(defer(OutboxEntry.content))
+            .order_by(OutboxEntry.id.desc())
+            .limit(limit)
+        )
+        if state is not None:
+            query = query.where(OutboxEntry.state == state)
+        with self.db.reading() as session:
+            return list(session.scalars(query))
+
+    def get(self, outbox_id: int) -> OutboxEntry:
+        with self.db.reading() as session:
+            found = session.get(OutboxEntry, outbox_id)
+            if found is None:
+                raise NotFound(f"reply {outbox_id} not found")
+            return found
+
+    def counts(self) -> dict[str, int]:
+        with self.db.reading() as session:
+            rows = session.execute(
+                select(OutboxEntry.state, func.count()).group_by(OutboxEntry.state)
+            )
+            return {state.value: count for state, count in rows}
+
+    def retry(self, outbox_id: int) -> OutboxEntry:
+        """Send a failed reply again, from its first attempt, at the sender's next run."""
+        with self.db.writing() as session:
+            found = session.get(OutboxEntry, outbox_id, with_for_update=True)
+            if found is None:
+                raise NotFound(f"reply {outbox_id} not found")
+            if found.state != OutboxState.FAILED:
+                raise InvalidState(
+                    f"reply {outbox_id} is {found.state.value}; only failed replies can be retried"
+                )
+            now = utcnow()
+            found.state = OutboxState.PENDING
+            found.attempts = 0
+            found.next_attempt_at = now
+            found.updated_at = now
+            return found

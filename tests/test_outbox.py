@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import email
 import email.policy
+import json
 import signal
 import threading
 import time
@@ -438,3 +439,89 @@ def test_relay_down_then_up_across_a_restart_delivers_exactly_once(
         server.kill()
         relay.stop()
         database.dispose()
+
+
+# -- operators ---------------------------------------------------------------------------------
+
+
+def cli(config: Path, *args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from mailproc.cli import main
+
+    result = CliRunner().invoke(main, ["--config", str(config), *args], catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_outbox_commands_show_and_retry_a_failed_reply(
+    tmp_path: Path, database: db.Database, database_url: str, relay: Relay
+) -> None:
+    config = write_config(tmp_path / "mailproc.toml", database_url, outbound=outbound(relay.port))
+    settings = settings_for(database_url, outbound=outbound(relay.port))
+    outbox = Outbox.from_settings(settings)
+    queued = queue(database, outbox, template="request_denied")
+    suppressed = queue(database, outbox, source=source_of(wire(make_message()), mail_from=""))
+    relay.answer = "550 5.7.1 not wanted here"
+    assert deliver(OutboxSender(settings, database, "test")) == 1
+
+    code, output = cli(config, "outbox", "list")
+    assert code == 0, output
+    assert "failed" in output
+    assert "550 5.7.1 not wanted here" in output
+    assert "null reverse path" in output
+    assert "all replies: 1 failed, 1 suppressed" in output
+    code, output = cli(config, "outbox", "show", str(queued.outbox_id), "--json")
+    shown = json.loads(output)
+    assert (shown["state"], shown["template"], shown["recipient"]) == (
+        "failed",
+        "request_denied",
+        OWNER,
+    )
+    code, output = cli(config, "outbox", "show", str(queued.outbox_id), "--raw")
+    assert "Auto-Submitted: auto-replied" in output
+
+    code, output = cli(config, "outbox", "retry", str(suppressed.outbox_id))
+    assert code == 1
+    assert output == (
+        f"Error: reply {suppressed.outbox_id} is suppressed; only failed replies can be retried\n"
+    )
+    code, output = cli(config, "outbox", "retry", str(queued.outbox_id))
+    assert (code, output) == (0, f"reply {queued.outbox_id} is pending again and will be sent\n")
+    relay.answer = None
+    assert deliver(OutboxSender(settings, database, "test")) == 1
+    assert len(relay.received) == 1
+    assert cli(config, "outbox", "show", "999999")[1] == "Error: reply 999999 not found\n"
+
+
+def test_broken_template_or_dkim_key_stops_config_check_and_serve(
+    tmp_path: Path, database_url: str
+) -> None:
+    folder = tmp_path / "templates"
+    import shutil
+
+    from mailproc.rendering import SHIPPED_TEMPLATES
+
+    shutil.copytree(SHIPPED_TEMPLATES, folder)
+    (folder / "en" / "request_denied.txt").write_text("{{ reson }}\n")
+    config = write_config(tmp_path / "mailproc.toml", database_url, templates={"path": str(folder)})
+    for command in (["config", "check"], ["serve"]):
+        code, output = cli(config, *command)
+        assert code == 78, output
+        assert output.startswith(f"Error: {folder / 'en' / 'request_denied.txt'}"), output
+        assert output.count("\n") == 1
+
+    key_file = tmp_path / "not-a-key.pem"
+    key_file.write_text("-----BEGIN NOTHING-----\n")
+    config = write_config(
+        tmp_path / "mailproc.toml",
+        database_url,
+        outbound={
+            "dkim_selector": "replies",
+            "dkim_domain": "example.com",
+            "dkim_private_key_file": str(key_file),
+        },
+    )
+    code, output = cli(config, "config", "check")
+    assert code == 78
+    assert output.startswith(f"Error: {config}: [outbound] dkim_private_key_file: cannot sign with")
+    assert output.count("\n") == 1
