@@ -9,6 +9,7 @@ import email
 import email.policy
 import json
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -63,8 +64,8 @@ class Relay:
             )
         return "250 2.0.0 Ok: queued"
 
-    def start(self) -> Relay:
-        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+    def start(self, **smtp_options: Any) -> Relay:
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port, **smtp_options)
         self._controller.start()
         return self
 
@@ -220,6 +221,9 @@ def test_a_suppressed_reply_is_recorded_with_its_reason_and_never_sent(
     assert "Auto-Submitted" in queued.reason
     null = queue(database, outbox, source=source_of(wire(make_message()), mail_from=""))
     assert null.state == OutboxState.SUPPRESSED
+    listed = b"List-Id: <users.lists.example.org>\r\n" + wire(make_message())
+    from_list = queue(database, outbox, source=source_of(listed))
+    assert from_list.state == OutboxState.SUPPRESSED
     assert deliver(OutboxSender(settings, database, "test")) == 0
     assert relay.received == []
     assert entry(database, queued.outbox_id).suppressed_reason == queued.reason
@@ -439,6 +443,43 @@ def test_relay_down_then_up_across_a_restart_delivers_exactly_once(
         server.kill()
         relay.stop()
         database.dispose()
+
+
+def test_starttls_and_login_to_the_relay(
+    database: db.Database, database_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import trustme
+    from aiosmtpd.smtp import AuthResult
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # how the relay's CA is trusted
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> Any:
+        logins.append((data.login, data.password))
+        return AuthResult(success=data.password == b"s3cret")
+
+    relay = Relay().start(
+        tls_context=server_context,
+        require_starttls=True,
+        auth_required=True,
+        authenticator=authenticator,
+    )
+    try:
+        settings = settings_for(
+            database_url,
+            outbound=outbound(relay.port, starttls=True, username="mailproc", password="s3cret"),
+        )
+        queue(database, Outbox.from_settings(settings))
+        assert deliver(OutboxSender(settings, database, "test")) == 1
+        assert len(relay.received) == 1
+        assert logins == [(b"mailproc", b"s3cret")]
+    finally:
+        relay.stop()
 
 
 # -- operators ---------------------------------------------------------------------------------
