@@ -310,7 +310,7 @@ def test_check_refuses_a_misspelt_template_file(folder: Path) -> None:
 def test_shared_files_starting_with_underscore_are_compiled_and_can_be_included(
     folder: Path,
 ) -> None:
-    (folder / "_shared").mkdir()
+    (folder / "_shared").mkdir(exist_ok=True)  # the shipped set has one already
     (folder / "_shared" / "footer.txt").write_text("-- \n{{ product_name }} Support\n")
     (folder / "en" / "request_expired.txt").write_text(
         "Expired: {{ reference }}\n{% include '_shared/footer.txt' %}"
