@@ -72,8 +72,11 @@ class App:
             seconds=self.settings.outbound.poll_interval_seconds,
             next_run_time=datetime.now(UTC),
             id="outbox",
-            max_instances=1,
+            # A run still sending when the next is due: that one returns at once (see
+            # deliver_outbox), rather than APScheduler warning about it at every interval.
+            max_instances=2,
             coalesce=True,
+            misfire_grace_time=None,
         )
         self.scheduler.start()
         log.info(

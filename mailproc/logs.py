@@ -16,7 +16,8 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # aiosmtpd logs every command at INFO; that is debugging detail for us.
-    logging.getLogger("mail.log").setLevel(
-        max(logging.WARNING, logging.getLevelName(level.upper()))
-    )
+    # aiosmtpd logs every command at INFO, APScheduler every run of every job: debugging
+    # detail for us (a job's own outcome is logged by the job).
+    quiet = max(logging.WARNING, logging.getLevelName(level.upper()))
+    for name in ("mail.log", "apscheduler"):
+        logging.getLogger(name).setLevel(quiet)
