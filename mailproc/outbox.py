@@ -72,7 +72,7 @@ def why_not_reply(
     """The reason not to answer a message, or None when answering it is allowed."""
     if not mail_from:
         return "null reverse path (a bounce or another automatic message)"
-    local = mail_from.rpartition("@")[0]
+    local = mail_from.rpartition("@")[0] or mail_from  # "MAILER-DAEMON" may come bare
     if _ROBOTS.match(local):
         return f"sender {mail_from} is a mail robot"
     own = {address.lower() for address in own_addresses}

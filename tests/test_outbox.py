@@ -147,6 +147,7 @@ def entry(database: db.Database, outbox_id: int) -> OutboxEntry:
         ("From: a@example.org", "", "null reverse path"),
         ("From: MAILER-DAEMON@example.org", "MAILER-DAEMON@example.org", "mail robot"),
         ("From: x@example.org", "postmaster@example.org", "mail robot"),
+        ("From: x@example.org", "MAILER-DAEMON", "mail robot"),
         ("From: x@example.org", "owner-users@lists.example.org", "mail robot"),
         ("From: x@example.org", "users-request@lists.example.org", "mail robot"),
         ("From: x@example.org", "users-bounces@lists.example.org", "mail robot"),
