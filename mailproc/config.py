@@ -136,6 +136,10 @@ def _address(value: Any) -> str:
         raise ValueError(str(exc)) from None
 
 
+def _address_or_empty(value: Any) -> str:
+    return _address(value) if _str(value) else ""
+
+
 def _hostname(value: Any) -> str:
     text = _str(value)
     if not text:
@@ -312,6 +316,42 @@ class LoggingSettings:
     level: str = _key("info", _log_level, "str")
 
 
+def _any_database_url(value: Any) -> str:
+    text = _str(value)
+    if not text:
+        return text
+    try:
+        make_url(text)
+    except ArgumentError:
+        raise ValueError(f"not a database URL: {text!r}") from None
+    return text
+
+
+@dataclass(frozen=True)
+class AccountsSettings:
+    url: str = _key("", _any_database_url, "str")
+    query: str = _key("SELECT id, email FROM accounts WHERE lower(email) = :email", _str, "str")
+    csv_file: str = _key("", _existing_file_or_empty, "str")
+    timeout_seconds: float = _key(5.0, _positive_float, "float")
+
+
+@dataclass(frozen=True)
+class RulesSettings:
+    path: str = _key("", _existing_dir_or_empty, "str")
+    helpdesk_address: str = _key("", _address_or_empty, "str")
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    shadow: bool = _key(False, _bool, "bool")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    expire_after_days: float = _key(7.0, _positive_float, "float")
+    owner_notices_per_day: int = _key(1, _positive_int, "int")
+
+
 @dataclass(frozen=True)
 class TemplatesSettings:
     path: str = _key("", _existing_dir_or_empty, "str")
@@ -349,6 +389,10 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     templates: TemplatesSettings = field(default_factory=TemplatesSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    accounts: AccountsSettings = field(default_factory=AccountsSettings)
+    rules: RulesSettings = field(default_factory=RulesSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    mode: ModeSettings = field(default_factory=ModeSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -445,6 +489,10 @@ def _cross_checks(settings: Settings) -> None:
         raise ConfigError(
             f"{settings.where('auth', 'min_rsa_bits')}: RFC 8301 forbids accepting RSA keys "
             "shorter than 1024 bits"
+        )
+    if settings.accounts.url and settings.accounts.csv_file:
+        raise ConfigError(
+            f"{settings.where('accounts', 'csv_file')}: give url or csv_file, not both"
         )
     outbound = settings.outbound
     dkim = {

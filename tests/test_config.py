@@ -96,6 +96,10 @@ def test_example_config_sets_every_key_of_every_section() -> None:
         "logging",
         "templates",
         "outbound",
+        "accounts",
+        "rules",
+        "queue",
+        "mode",
     }
     assert set(data) == set(SECTIONS)
     for section, cls in SECTIONS.items():
