@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -123,6 +124,8 @@ class Message(Base):
     verdict: Mapped[dict[str, Any] | None]
     authenticated: Mapped[bool | None]
     auth_strength: Mapped[str | None] = mapped_column(String(8))
+    # What the rules made of it: the account match, the rule, the action and what came of it.
+    decision: Mapped[dict[str, Any] | None]
     attempts: Mapped[int] = mapped_column(default=0)
     deferrals: Mapped[int] = mapped_column(default=0)
     next_attempt_at: Mapped[datetime | None]
@@ -201,3 +204,119 @@ class OutboxEntry(Base):
         Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),
         Index("ix_outbox_recipient_created_at", "recipient", "created_at"),
     )
+
+
+class RequestState(enum.StrEnum):
+    """A reset request's life: ``pending`` until an agent decides; ``approved`` until the reset
+    is executed (``completed``) or its execution fails for good (``failed``)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    COMPLETED = "completed"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+OPEN_REQUEST_STATES = (RequestState.PENDING, RequestState.APPROVED)
+
+
+class ResetRequest(Base):
+    """A verified request to reset an account's security question, waiting for an agent."""
+
+    __tablename__ = "reset_request"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    reference: Mapped[str] = mapped_column(String(32), unique=True)
+    state: Mapped[RequestState] = mapped_column(
+        Enum(
+            RequestState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+            validate_strings=True,
+            create_constraint=True,
+            name="request_state",
+        )
+    )
+    account_id: Mapped[str] = mapped_column(String(255))
+    email: Mapped[str] = mapped_column(String(320))
+    account_name: Mapped[str | None] = mapped_column(Text)
+    locale: Mapped[str | None] = mapped_column(String(35))
+    # The message that opened the request; later ones that joined it are in request_message.
+    message_id: Mapped[int | None] = mapped_column(
+        BigID, ForeignKey("message.id", ondelete="SET NULL")
+    )
+    auth_strength: Mapped[str] = mapped_column(String(8))
+    verdict: Mapped[dict[str, Any]]
+    decision: Mapped[dict[str, Any]]
+    risk_flags: Mapped[list[str]] = mapped_column(JSONData)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    decided_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_reset_request_state_created_at", "state", "created_at"),
+        Index("ix_reset_request_account_id_created_at", "account_id", "created_at"),
+        # At most one open request per account, whatever races between workers.
+        Index(
+            "uq_reset_request_open_account",
+            "account_id",
+            unique=True,
+            sqlite_where=text("state IN ('pending', 'approved')"),
+            postgresql_where=text("state IN ('pending', 'approved')"),
+        ),
+    )
+
+
+class RequestMessage(Base):
+    """Every message that asked for a request: the one that opened it and those that joined."""
+
+    __tablename__ = "request_message"
+
+    message_id: Mapped[int] = mapped_column(
+        BigID, ForeignKey("message.id", ondelete="CASCADE"), primary_key=True
+    )
+    request_id: Mapped[int] = mapped_column(
+        BigID, ForeignKey("reset_request.id", ondelete="CASCADE"), index=True
+    )
+    joined_at: Mapped[datetime]
+
+
+class AuditEvent(Base):
+    """One thing that happened to a request: who, when, from which state to which, and why.
+    Written in the transaction of the change itself."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    request_id: Mapped[int] = mapped_column(
+        BigID, ForeignKey("reset_request.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None]
+    message_id: Mapped[int | None] = mapped_column(
+        BigID, ForeignKey("message.id", ondelete="SET NULL")
+    )
+
+
+class Sighting(Base):
+    """An address seen imitating a registered one (homoglyphs, mixed scripts): later requests
+    for the imitated account carry the risk flag ``lookalike_seen``."""
+
+    __tablename__ = "lookalike_sighting"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    resembles: Mapped[str] = mapped_column(String(320), index=True)
+    address: Mapped[str] = mapped_column(String(320))
+    message_id: Mapped[int | None] = mapped_column(
+        BigID, ForeignKey("message.id", ondelete="SET NULL")
+    )
+    seen_at: Mapped[datetime]
