@@ -15,7 +15,9 @@ from mailproc import db
 from mailproc.config import Settings
 from mailproc.intake import GroupCommitter
 from mailproc.outbox import OutboxSender
+from mailproc.pipeline import check_directory
 from mailproc.rendering import Templates
+from mailproc.rules import RuleSet
 from mailproc.services import MessageService
 from mailproc.smtp import Connections, protocol_factory
 from mailproc.worker import WorkerProcesses, new_worker_id
@@ -41,8 +43,11 @@ class App:
         self.connections = Connections(limit=settings.smtp.max_sessions)
         self.server: asyncio.Server | None = None
         self.smtp_port: int | None = None
-        # Bad templates or an unusable DKIM key stop us here, not at the first reply.
+        # Bad templates, rules or directory settings, or an unusable DKIM key, stop us here,
+        # not at the first message.
         Templates.from_settings(settings.templates).check()
+        RuleSet.from_settings(settings.rules)
+        check_directory(settings)
         self.sender = OutboxSender(settings, self.database, new_worker_id())
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self._delivering = asyncio.Lock()

@@ -15,11 +15,20 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 
 from mailproc import __version__, db
+from mailproc.accounts import DirectorySetupError
 from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailproc.logs import setup_logging
-from mailproc.models import Message, MessageState, OutboxEntry, OutboxState, utcnow
+from mailproc.models import (
+    Message,
+    MessageState,
+    OutboxEntry,
+    OutboxState,
+    RequestState,
+    utcnow,
+)
 from mailproc.rendering import TemplateError
+from mailproc.rules import RuleError
 from mailproc.services import InvalidState, MessageService, NotFound
 
 EX_CONFIG = 78
@@ -35,7 +44,7 @@ def _user_errors() -> Iterator[None]:
     """Turn the errors a person can act on into one line, never a traceback."""
     try:
         yield
-    except (ConfigError, TemplateError) as exc:
+    except (ConfigError, TemplateError, RuleError, DirectorySetupError) as exc:
         # A broken template is a configuration problem too: it names its file.
         raise ConfigProblem(str(exc)) from None
     except (NotFound, InvalidState) as exc:
@@ -196,14 +205,65 @@ def check(
     with _user_errors():
         authenticator = Authenticator(settings.auth, settings.dns)
     verdict = authenticator.evaluate(raw, Envelope(client_ip, mail_from, helo), utcnow())
+    decision, waiting = (None, None) if verdict.temporary else _decide(settings, raw, verdict)
     if as_json:
-        click.echo(json.dumps(verdict.to_dict(), indent=2))
+        data = verdict.to_dict()
+        if decision is not None:
+            data["decision"] = decision
+        click.echo(json.dumps(data, indent=2))
     else:
         print_verdict(verdict)
-    if verdict.temporary:
+        if decision is not None:
+            print_decision(decision)
+    if waiting is not None:
+        click.echo(f"temporary: account directory: {waiting}", err=as_json)
+    if verdict.temporary or waiting is not None:
         ctx_exit(EX_TEMPFAIL)
     if not verdict.authenticated:
         ctx_exit(EX_NOT_AUTHENTICATED)
+
+
+def _decide(
+    settings: Settings, raw: bytes, verdict: Verdict
+) -> tuple[dict[str, Any] | None, str | None]:
+    """What the rules make of a message: the account match, the rule and the action (nothing
+    is queued or sent), or why the directory could not say."""
+    from mailproc.accounts import DirectoryError
+    from mailproc.message import parse_message
+    from mailproc.pipeline import Pipeline
+
+    with _user_errors():
+        pipeline = Pipeline.from_settings(settings)
+    parsed = parse_message(raw)
+    try:
+        evaluation = pipeline.evaluate(
+            verdict, parsed.subject, parsed.text_body, settings.smtp.support_addresses[:1], ()
+        )
+    except DirectoryError as exc:
+        return None, str(exc)
+    finally:
+        pipeline.directory.close()
+    decision = pipeline.record(evaluation)
+    decision["template"] = evaluation.decision.template
+    return decision, None
+
+
+def print_decision(decision: dict[str, Any]) -> None:
+    for role in ("author", "claimed"):
+        lookup = decision.get(role)
+        if lookup is not None:
+            ids = ", ".join(lookup["account_ids"]) or "-"
+            click.echo(f"account ({role}): {lookup['address']} {lookup['status']} (ids: {ids})")
+    lookalike = decision.get("lookalike")
+    if lookalike:
+        resembles = f", imitates {lookalike['resembles']}" if lookalike["resembles"] else ""
+        click.echo(f"lookalike: {'; '.join(lookalike['reasons'])}{resembles}")
+    for step in decision["trace"]:
+        click.echo(f"rule {step['rule']}: {'MATCH' if step['matched'] else 'no match'}")
+        for condition in step["conditions"]:
+            click.echo(f"  - {condition}")
+    template = f" with {decision['template']}" if decision.get("template") else ""
+    click.echo(f"action: {decision['action']}{template} (rule {decision['rule']})")
 
 
 def ctx_exit(code: int) -> None:
@@ -233,15 +293,25 @@ def config_group() -> None:
 @config_group.command("check")
 @pass_context
 def config_check(ctx: Context) -> None:
-    """Validate the configuration and the files it names (reply templates, DKIM key); exit 0
-    if all is well."""
+    """Validate the configuration and what it names (templates, rules, DKIM key, account
+    directory); exit 0 if all is well."""
+    from mailproc.accounts import DirectoryError, directory_from_settings
     from mailproc.outbox import Signer
     from mailproc.rendering import Templates
+    from mailproc.rules import RuleSet
 
     settings = ctx.settings
     with _user_errors():
         Templates.from_settings(settings.templates).check()
         Signer.from_settings(settings)
+        RuleSet.from_settings(settings.rules)
+        directory = directory_from_settings(settings.accounts)
+        try:
+            directory.check()
+        except DirectoryError as exc:
+            click.echo(f"Warning: account directory not reachable now: {exc}", err=True)
+        finally:
+            directory.close()
     for warning in settings.warnings:
         click.echo(f"Warning: {warning}", err=True)
     click.echo(f"configuration OK ({settings.source})")
@@ -410,8 +480,6 @@ class UnknownTemplate(click.ClickException):
 
 @contextmanager
 def _template_errors() -> Iterator[None]:
-    from mailproc.rendering import TemplateError
-
     try:
         yield
     except TemplateError as exc:
@@ -582,3 +650,133 @@ def outbox_retry(ctx: Context, outbox_id: int, as_json: bool) -> None:
         click.echo(json.dumps(outbox_dict(entry)))
     else:
         click.echo(f"reply {entry.id} is {entry.state.value} again and will be sent")
+
+
+@main.group("rules")
+def rules_group() -> None:
+    """Rules that decide what happens to each message."""
+
+
+@rules_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def rules_list(ctx: Context, as_json: bool) -> None:
+    """List the rules in the order they are tried (the first that matches decides)."""
+    from mailproc.rules import RuleSet
+
+    with _user_errors():
+        ruleset = RuleSet.from_settings(ctx.settings.rules)
+    rows: list[dict[str, Any]] = [
+        {
+            "order": order,
+            "name": rule.name,
+            "file": rule.file.name,
+            "action": rule.action,
+            "template": rule.template,
+            "description": rule.description,
+            "when": rule.describe(),
+        }
+        for order, rule in enumerate(ruleset.rules, start=1)
+    ]
+    if as_json:
+        click.echo(json.dumps({"folder": str(ruleset.folder), "rules": rows}, indent=2))
+        return
+    click.echo(f"{'#':>3}  {'NAME':<32}  {'ACTION':<12}  {'TEMPLATE':<24}  DESCRIPTION")
+    for row in rows:
+        click.echo(
+            f"{row['order']:>3}  {row['name']:<32}  {row['action']:<12}  "
+            f"{row['template'] or '-':<24}  {row['description']}"
+        )
+    click.echo(f"\nfolder: {ruleset.folder}")
+
+
+@rules_group.command("check")
+@pass_context
+def rules_check(ctx: Context) -> None:
+    """Load every rule and check it (0 if all is well)."""
+    from mailproc.rules import RuleSet
+
+    settings = ctx.settings
+    with _user_errors():
+        ruleset = RuleSet.from_settings(settings.rules)
+    if not settings.rules.helpdesk_address and any(
+        rule.action == "forward" for rule in ruleset.rules
+    ):
+        click.echo(
+            "Warning: [rules] helpdesk_address is empty: mail a rule forwards is only recorded",
+            err=True,
+        )
+    count = len(ruleset.rules)
+    click.echo(f"rules OK ({count} rule{'' if count == 1 else 's'} in {ruleset.folder})")
+
+
+@main.group("requests")
+def requests_group() -> None:
+    """Reset requests waiting for, or decided by, an agent."""
+
+
+@requests_group.command("list")
+@click.option("--state", type=click.Choice([s.value for s in RequestState]), default=None)
+@click.option("--email", default=None, help="Only requests for this address.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def requests_list(
+    ctx: Context, state: str | None, email: str | None, limit: int, as_json: bool
+) -> None:
+    """List reset requests, newest first."""
+    from mailproc.addresses import AddressError, normalize_address
+    from mailproc.requests import RequestService, request_dict
+
+    if email is not None:
+        try:
+            email = normalize_address(email)
+        except AddressError as exc:
+            raise click.BadParameter(str(exc), param_hint="--email") from None
+    service = RequestService(ctx.database())
+    rows = _run(lambda: service.list(RequestState(state) if state else None, limit, email))
+    if as_json:
+        click.echo(json.dumps([request_dict(r) for r in rows], indent=2))
+        return
+    if not rows:
+        click.echo("no requests")
+        return
+    click.echo(f"{'ID':>6}  {'REFERENCE':<10}  {'STATE':<9}  {'CREATED':<16}  {'EMAIL':<32}  FLAGS")
+    for r in rows:
+        click.echo(
+            f"{r.id:>6}  {r.reference:<10}  {r.state.value:<9}  {r.created_at:%Y-%m-%d %H:%M}  "
+            f"{_printable(r.email)[:32]:<32}  {', '.join(r.risk_flags) or '-'}"
+        )
+    counts = _run(service.counts)
+    click.echo("\nall requests: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+
+
+@requests_group.command("show")
+@click.argument("request_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def requests_show(ctx: Context, request_id: int, as_json: bool) -> None:
+    """Show one request with its decision, messages and audit trail."""
+    from mailproc.requests import RequestService, event_dict, request_dict
+
+    detail = _run(lambda: RequestService(ctx.database()).get(request_id))
+    data = request_dict(detail.request) | {
+        "message_ids": detail.message_ids,
+        "decision": detail.request.decision,
+        "events": [event_dict(event) for event in detail.events],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key in request_dict(detail.request):
+        value = data[key]
+        if isinstance(value, list):
+            value = ", ".join(str(v) for v in value) or "-"
+        click.echo(f"{key + ':':<15}{'' if value is None else _printable(str(value))}")
+    click.echo(f"{'messages:':<15}{', '.join(str(i) for i in detail.message_ids)}")
+    click.echo(f"{'rule:':<15}{detail.request.decision.get('rule')}")
+    click.echo("\naudit trail:")
+    for event in detail.events:
+        change = f" {event.from_state or '-'} -> {event.to_state}" if event.to_state else ""
+        reason = f": {_printable(event.reason)}" if event.reason else ""
+        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.actor}  {event.action}{change}{reason}")

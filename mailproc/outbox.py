@@ -33,12 +33,14 @@ from sqlalchemy.orm import Session, defer
 from mailproc.addresses import normalize_address
 from mailproc.config import ConfigError, Settings
 from mailproc.db import Database
+from mailproc.errors import InvalidState, NotFound
 from mailproc.models import Message, OutboxEntry, OutboxState, utcnow
 from mailproc.rendering import Templates
-from mailproc.services import InvalidState, NotFound
 
 log = logging.getLogger(__name__)
 
+# The outbox "template" of a forwarded message (delivered as received, never signed by us).
+FORWARD = "forward"
 # Headers a reply's DKIM signature covers (those present are signed).
 SIGNED_HEADERS = (
     b"from",
@@ -223,6 +225,43 @@ class Outbox:
             log.info("reply %d (%s) to %s suppressed: %s", outbox_id, template, recipient, reason)
         return Queued(outbox_id, state, reason)
 
+    def forward(
+        self, session: Session | Connection, *, message_id: int, to: str, now: datetime
+    ) -> int:
+        """Queue the stored message, unchanged, for ``to`` (the helpdesk, in gateway mode),
+        with Resent-* headers in front (RFC 5322 section 3.6.6). Neither the loop rules nor
+        the rate limit apply: this is delivery, not an answer."""
+        raw, subject = session.execute(
+            select(Message.raw, Message.parsed).where(Message.id == message_id)
+        ).one()
+        resent_id = make_msgid(domain=self.from_address.rpartition("@")[2])
+        head = (
+            f"Resent-From: {self.from_address}\r\n"
+            f"Resent-To: {to}\r\n"
+            f"Resent-Date: {format_datetime(now)}\r\n"
+            f"Resent-Message-ID: {resent_id}\r\n"
+        ).encode("ascii")
+        outbox_id: int = session.execute(
+            insert(OutboxEntry)
+            .values(
+                state=OutboxState.PENDING,
+                template=FORWARD,
+                locale="",
+                recipient=normalize_address(to),
+                subject=str((subject or {}).get("subject") or "")[:500],
+                message_id_header=resent_id.strip("<>"),
+                content=head + raw,
+                source_message_id=message_id,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            .returning(OutboxEntry.id)
+        ).scalar_one()
+        log.info("message %d queued for forwarding to %s (%d)", message_id, to, outbox_id)
+        return outbox_id
+
     def _over_limit(
         self, session: Session | Connection, recipient: str, now: datetime
     ) -> str | None:
@@ -337,6 +376,7 @@ class Delivery:
     recipient: str
     content: bytes
     attempts: int
+    template: str = ""
 
 
 class TemporaryFailure(Exception):
@@ -399,10 +439,14 @@ class OutboxSender:
                     OutboxEntry.recipient,
                     OutboxEntry.content,
                     OutboxEntry.attempts,
+                    OutboxEntry.template,
                 )
             ).all()
         return sorted(
-            (Delivery(row.id, row.recipient, row.content, row.attempts) for row in rows),
+            (
+                Delivery(row.id, row.recipient, row.content, row.attempts, row.template)
+                for row in rows
+            ),
             key=lambda delivery: delivery.outbox_id,
         )
 
@@ -494,7 +538,7 @@ class OutboxSender:
         """One attempt; returns the relay's reply to the message, or raises Temporary- or
         PermanentFailure."""
         content = delivery.content
-        if self.signer is not None:
+        if self.signer is not None and delivery.template != FORWARD:
             content = await asyncio.to_thread(self.signer.sign, content)
         relay = self.outbound.relay
         try:

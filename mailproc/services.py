@@ -9,7 +9,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     Connection,
@@ -27,22 +29,23 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import defer
 
+from mailproc.accounts import DirectoryError
+from mailproc.addresses import AddressError, normalize_address
 from mailproc.auth import Authenticator, Envelope, Strength, Verdict
 from mailproc.config import Settings
 from mailproc.db import Database, LockBusy
+from mailproc.errors import InvalidState, NotFound
 from mailproc.intake import Arrival, wire_flags
 from mailproc.message import parse_message
 from mailproc.models import Base, Message, MessageState, ReplayKey, utcnow
+from mailproc.outbox import Source
+
+if TYPE_CHECKING:
+    from mailproc.pipeline import Evaluation, Pipeline
 
 log = logging.getLogger(__name__)
 
-
-class NotFound(LookupError):
-    """No such record."""
-
-
-class InvalidState(ValueError):
-    """The record is not in a state that allows the operation."""
+__all__ = ["Claim", "InvalidState", "MessageService", "NotFound"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class _Input:
     raw: bytes
     envelope: Envelope
     deferrals: int
+    rcpt_tos: tuple[str, ...] = ()
+    intake_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,9 @@ class _Result:
     values: dict[str, Any]
     verdict: Verdict | None
     now: datetime
+    evaluation: Evaluation | None = None
+    raw: bytes = b""
+    mail_from: str = ""
 
 
 class RawInsert:
@@ -131,6 +139,16 @@ def _replay_keys(result: _Result) -> dict[str, str]:
     return keys
 
 
+def _recipients(rcpt_tos: Sequence[str]) -> tuple[str, ...]:
+    normalized = []
+    for address in rcpt_tos:
+        try:
+            normalized.append(normalize_address(address))
+        except AddressError:
+            continue
+    return tuple(normalized)
+
+
 class MessageService:
     def __init__(
         self,
@@ -139,9 +157,12 @@ class MessageService:
         lease_seconds: float = 60,
         max_attempts: int = 5,
         retry_max_minutes: float = 60,
+        pipeline: Pipeline | None = None,
     ):
         self.db = database
         self.authenticator = authenticator
+        # Without one (tests of storage and authentication alone) nothing is decided.
+        self.pipeline = pipeline
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
         self.retry_base = timedelta(minutes=1)
@@ -151,13 +172,16 @@ class MessageService:
         )
 
     @classmethod
-    def from_settings(cls, database: Database, settings: Settings) -> MessageService:
+    def from_settings(
+        cls, database: Database, settings: Settings, pipeline: Pipeline | None = None
+    ) -> MessageService:
         return cls(
             database,
             Authenticator(settings.auth, settings.dns),
             lease_seconds=settings.worker.lease_seconds,
             max_attempts=settings.worker.max_attempts,
             retry_max_minutes=settings.auth.retry_max_minutes,
+            pipeline=pipeline,
         )
 
     # -- intake ---------------------------------------------------------------------------
@@ -345,11 +369,17 @@ class MessageService:
                     Message.mail_from,
                     Message.client_helo,
                     Message.deferrals,
+                    Message.rcpt_tos,
+                    Message.intake_flags,
                 ).where(Message.id.in_(ids))
             ).all()
         return {
             row.id: _Input(
-                row.raw, Envelope(row.client_ip, row.mail_from, row.client_helo), row.deferrals
+                row.raw,
+                Envelope(row.client_ip, row.mail_from, row.client_helo),
+                row.deferrals,
+                tuple(row.rcpt_tos or ()),
+                tuple(row.intake_flags or ()),
             )
             for row in rows
         }
@@ -361,16 +391,30 @@ class MessageService:
         verdict: Verdict | None = None
         if data is None:  # deleted meanwhile: there is nothing left to finish
             return _Result(claim, {"state": MessageState.FAILED}, None, now)
+        evaluation: Evaluation | None = None
+        waiting_on: str | None = None
         try:
             parsed = parse_message(data.raw)
             verdict = self.authenticator.evaluate(data.raw, data.envelope, now, parsed)
+            if self.pipeline is not None and not verdict.temporary:
+                try:
+                    evaluation = self.pipeline.evaluate(
+                        verdict,
+                        parsed.subject,
+                        parsed.text_body,
+                        _recipients(data.rcpt_tos),
+                        data.intake_flags,
+                    )
+                except DirectoryError as exc:
+                    waiting_on = f"account directory: {exc}"
+                    log.warning("message %d waits: %s", claim.message_id, waiting_on)
         except Exception as exc:
             log.exception("message %d failed in processing", claim.message_id)
             summary = "".join(traceback.format_exception_only(exc)).strip()
             values = {"state": MessageState.FAILED, "error": summary}
         else:
-            values = {"parsed": parsed.summary(), "error": None}
-            if verdict.temporary:
+            values = {"parsed": parsed.summary(), "error": waiting_on}
+            if verdict.temporary or waiting_on is not None:
                 delay = min(self.retry_max, self.retry_base * (2**data.deferrals))
                 values |= {
                     "state": MessageState.DEFERRED,
@@ -384,7 +428,9 @@ class MessageService:
                     "processed_at": now,
                     "next_attempt_at": None,
                 }
-        return _Result(claim, values, verdict, now)
+        return _Result(
+            claim, values, verdict, now, evaluation, data.raw, data.envelope.mail_from or ""
+        )
 
     def _finish(
         self,
@@ -417,7 +463,7 @@ class MessageService:
             )
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for result in mine:
-                row = self._result_row(result, now)
+                row = self._result_row(result, now) | self._decide(connection, result, now)
                 groups.setdefault(tuple(row), []).append(row)
             for group in groups.values():
                 connection.execute(_FINISH, group)
@@ -451,6 +497,49 @@ class MessageService:
                 f": {verdict.strength.value}" if verdict is not None else "",
             )
         return states
+
+    def _decide(self, connection: Connection, result: _Result, now: datetime) -> dict[str, Any]:
+        """Carry out the message's decision in this transaction (request, audit, replies);
+        what is stored with the message. A failure here fails this message alone."""
+        if (
+            self.pipeline is None
+            or result.evaluation is None
+            or result.verdict is None
+            or result.values["state"] != MessageState.PROCESSED
+        ):
+            return {}
+        message_id = result.claim.message_id
+        source = Source(
+            message_id,
+            result.mail_from,
+            BytesHeaderParser(policy=compat32).parsebytes(result.raw),
+        )
+        try:
+            with connection.begin_nested():
+                decision = self.pipeline.apply(
+                    connection,
+                    message_id=message_id,
+                    evaluation=result.evaluation,
+                    verdict=result.verdict,
+                    source=source,
+                    now=now,
+                )
+        except Exception as exc:
+            log.exception("message %d: carrying out its decision failed", message_id)
+            summary = "".join(traceback.format_exception_only(exc)).strip()
+            return {
+                "state": MessageState.FAILED,
+                "error": f"decision not carried out: {summary}",
+                "processed_at": None,
+            }
+        log.info(
+            "message %d: rule %s, %s%s",
+            message_id,
+            decision["rule"],
+            decision["action"],
+            f" ({decision['outcome']})" if decision.get("outcome") else "",
+        )
+        return {"decision": decision}
 
     def _still_held(self, connection: Connection, claims: Sequence[Claim]) -> set[int]:
         """Ids of the claims that still hold (locked until the end of the transaction): after

@@ -23,6 +23,7 @@ from multiprocessing.synchronize import Event
 from mailproc.config import Settings
 from mailproc.db import Database
 from mailproc.logs import setup_logging
+from mailproc.pipeline import Pipeline
 from mailproc.services import MessageService
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def work(
     until the parent process is gone."""
     # A lost verdict is re-derived (the claim's lease runs out); only intake must wait for disk.
     database = Database(settings.database.url, durable=False)
-    service = MessageService.from_settings(database, settings)
+    service = MessageService.from_settings(database, settings, Pipeline.from_settings(settings))
     worker_id = new_worker_id()
     # Without a parent to wake us, look again at least every second for a parent that died.
     pause = min(settings.worker.poll_interval_seconds, 1.0)

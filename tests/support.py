@@ -105,6 +105,18 @@ def send(port: int, message: EmailMessage, mail_from: str = "alice@example.org")
         return reply.decode()
 
 
+def send_raw(port: int, raw: bytes, mail_from: str = "alice@example.org") -> str:
+    """Send exact bytes to the support address; returns the final reply's text."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example.org")
+        client.mail(mail_from)
+        code, _ = client.rcpt(SUPPORT)
+        assert code == 250, code
+        code, reply = client.data(raw)
+        assert code == 250, (code, reply)
+        return str(reply.decode())
+
+
 def stored_id(reply: str) -> int:
     """The message id from our ``250 2.0.0 Stored as message N`` reply."""
     return int(reply.rsplit(" ", 1)[-1])

@@ -1,0 +1,284 @@
+"""Reset requests: opened (or joined) in the transaction that records the message's decision,
+each change written with its audit event; read by the CLI, and by the console and API later."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from mailproc.accounts import Account
+from mailproc.db import Database
+from mailproc.errors import NotFound
+from mailproc.models import (
+    OPEN_REQUEST_STATES,
+    AuditEvent,
+    RequestMessage,
+    RequestState,
+    ResetRequest,
+    Sighting,
+)
+
+# References are read out over the phone and typed by people: no 0/O, 1/I/L.
+_REFERENCE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+RISK_WINDOW = timedelta(days=30)
+SYSTEM = "mailproc"
+
+
+def new_reference() -> str:
+    return "R-" + "".join(secrets.choice(_REFERENCE_ALPHABET) for _ in range(8))
+
+
+@dataclass(frozen=True)
+class Opened:
+    request_id: int
+    reference: str
+    joined: bool  # True: the message joined a request that was already open
+
+
+def audit(
+    connection: Connection,
+    request_id: int,
+    *,
+    action: str,
+    at: datetime,
+    actor: str = SYSTEM,
+    from_state: RequestState | None = None,
+    to_state: RequestState | None = None,
+    reason: str | None = None,
+    details: dict[str, Any] | None = None,
+    message_id: int | None = None,
+) -> None:
+    connection.execute(
+        insert(AuditEvent).values(
+            request_id=request_id,
+            at=at,
+            actor=actor,
+            action=action,
+            from_state=from_state.value if from_state else None,
+            to_state=to_state.value if to_state else None,
+            reason=reason,
+            details=details,
+            message_id=message_id,
+        )
+    )
+
+
+def risk_flags(connection: Connection, account: Account, strength: str, now: datetime) -> list[str]:
+    """What an agent should look at twice before approving."""
+    flags = []
+    if strength != "strong":
+        flags.append("weak_authentication")
+    if account.email_changed_at is not None and now - account.email_changed_at < RISK_WINDOW:
+        flags.append("email_changed_recently")
+    if connection.execute(
+        select(func.count())
+        .select_from(Sighting)
+        .where(Sighting.resembles == account.email, Sighting.seen_at > now - RISK_WINDOW)
+    ).scalar_one():
+        flags.append("lookalike_seen")
+    earlier = connection.execute(
+        select(func.count()).select_from(ResetRequest).where(ResetRequest.account_id == account.id)
+    ).scalar_one()
+    recent = connection.execute(
+        select(func.count())
+        .select_from(ResetRequest)
+        .where(ResetRequest.account_id == account.id, ResetRequest.created_at > now - RISK_WINDOW)
+    ).scalar_one()
+    if not earlier:
+        flags.append("first_request")
+    if recent >= 2:
+        flags.append("repeated_requests")
+    return flags
+
+
+def open_or_join(
+    connection: Connection,
+    *,
+    account: Account,
+    message_id: int,
+    verdict: dict[str, Any],
+    decision: dict[str, Any],
+    strength: str,
+    flags: list[str],
+    now: datetime,
+    expire_after: timedelta,
+) -> Opened:
+    """Open a pending request for ``account``, or join the message to the one already open
+    (at most one open request per account: a unique index holds that even between workers)."""
+    for _ in range(3):
+        current = _open_request(connection, account.id)
+        if current is not None:
+            request_id, reference = current
+            _add_message(connection, request_id, message_id, now)
+            audit(
+                connection,
+                request_id,
+                action="joined",
+                at=now,
+                reason="another verified request for the same account",
+                message_id=message_id,
+            )
+            return Opened(request_id, reference, joined=True)
+        reference = new_reference()
+        try:
+            with connection.begin_nested():
+                request_id = connection.execute(
+                    insert(ResetRequest)
+                    .values(
+                        reference=reference,
+                        state=RequestState.PENDING,
+                        account_id=account.id,
+                        email=account.email,
+                        account_name=account.name,
+                        locale=account.locale,
+                        message_id=message_id,
+                        auth_strength=strength,
+                        verdict=verdict,
+                        decision=decision,
+                        risk_flags=flags,
+                        created_at=now,
+                        updated_at=now,
+                        expires_at=now + expire_after,
+                    )
+                    .returning(ResetRequest.id)
+                ).scalar_one()
+        except IntegrityError:
+            continue  # another worker opened one meanwhile (or the reference was taken): join
+        _add_message(connection, request_id, message_id, now)
+        audit(
+            connection,
+            request_id,
+            action="created",
+            at=now,
+            to_state=RequestState.PENDING,
+            reason=f"rule {decision.get('rule')}",
+            details={"risk_flags": flags},
+            message_id=message_id,
+        )
+        return Opened(request_id, reference, joined=False)
+    raise RuntimeError(f"could not open or join a request for account {account.id}")
+
+
+def _open_request(connection: Connection, account_id: str) -> tuple[int, str] | None:
+    row = connection.execute(
+        select(ResetRequest.id, ResetRequest.reference)
+        .where(
+            ResetRequest.account_id == account_id,
+            ResetRequest.state.in_(OPEN_REQUEST_STATES),
+        )
+        .with_for_update()
+    ).one_or_none()
+    return (row.id, row.reference) if row is not None else None
+
+
+def _add_message(connection: Connection, request_id: int, message_id: int, now: datetime) -> None:
+    exists = connection.execute(
+        select(RequestMessage.request_id).where(RequestMessage.message_id == message_id)
+    ).one_or_none()
+    if exists is None:
+        connection.execute(
+            insert(RequestMessage).values(
+                message_id=message_id, request_id=request_id, joined_at=now
+            )
+        )
+
+
+def record_sighting(
+    connection: Connection, *, address: str, resembles: str, message_id: int, now: datetime
+) -> None:
+    connection.execute(
+        insert(Sighting).values(
+            address=address, resembles=resembles, message_id=message_id, seen_at=now
+        )
+    )
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestDetail:
+    request: ResetRequest
+    events: list[AuditEvent]
+    message_ids: list[int]
+
+
+class RequestService:
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def list(
+        self, state: RequestState | None = None, limit: int = 50, email: str | None = None
+    ) -> list[ResetRequest]:
+        query = select(ResetRequest).order_by(ResetRequest.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(ResetRequest.state == state)
+        if email is not None:
+            query = query.where(ResetRequest.email == email)
+        with self.db.reading() as session:
+            return list(session.scalars(query))
+
+    def get(self, request_id: int) -> RequestDetail:
+        with self.db.reading() as session:
+            request = session.get(ResetRequest, request_id)
+            if request is None:
+                raise NotFound(f"request {request_id} not found")
+            events = list(
+                session.scalars(
+                    select(AuditEvent)
+                    .where(AuditEvent.request_id == request_id)
+                    .order_by(AuditEvent.id)
+                )
+            )
+            message_ids = list(
+                session.scalars(
+                    select(RequestMessage.message_id)
+                    .where(RequestMessage.request_id == request_id)
+                    .order_by(RequestMessage.message_id)
+                )
+            )
+            return RequestDetail(request, events, message_ids)
+
+    def counts(self) -> dict[str, int]:
+        with self.db.reading() as session:
+            rows = session.execute(
+                select(ResetRequest.state, func.count()).group_by(ResetRequest.state)
+            )
+            return {state.value: count for state, count in rows}
+
+
+def request_dict(request: ResetRequest) -> dict[str, Any]:
+    return {
+        "id": request.id,
+        "reference": request.reference,
+        "state": request.state.value,
+        "account_id": request.account_id,
+        "email": request.email,
+        "account_name": request.account_name,
+        "locale": request.locale,
+        "message_id": request.message_id,
+        "auth_strength": request.auth_strength,
+        "risk_flags": request.risk_flags,
+        "created_at": request.created_at.isoformat(),
+        "updated_at": request.updated_at.isoformat(),
+        "expires_at": request.expires_at.isoformat(),
+        "decided_at": request.decided_at.isoformat() if request.decided_at else None,
+    }
+
+
+def event_dict(event: AuditEvent) -> dict[str, Any]:
+    return {
+        "at": event.at.isoformat(),
+        "actor": event.actor,
+        "action": event.action,
+        "from_state": event.from_state,
+        "to_state": event.to_state,
+        "reason": event.reason,
+        "details": event.details,
+        "message_id": event.message_id,
+    }
