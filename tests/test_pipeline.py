@@ -266,3 +266,49 @@ def test_check_prints_the_account_the_rule_and_the_action(
         "notify_owner",
     )
     assert relay.received == []  # check decides, never sends
+
+
+def test_gateway_mode_forwards_what_no_rule_handles_unchanged(
+    database_url: str, accounts_url: str, key: DkimKey, relay: Relay
+) -> None:
+    gateway = sections(accounts_url, relay, rules={"helpdesk_address": "helpdesk@example.com"})
+    with AppThread.running(database_url, **gateway) as app:
+        raw = unsigned("dave@example.org", subject="My invoice is wrong", body="Invoice 7 please\n")
+        message = processed(app, stored_id(send_raw(app.port, raw, "dave@example.org")))
+        assert message.decision is not None
+        assert (message.decision["rule"], message.decision["outcome"]) == (
+            "fallthrough",
+            "forwarded to helpdesk@example.com",
+        )
+        wait_for(lambda: len(relay.received) == 1, timeout=20)
+        [(_, rcpts, forwarded)] = relay.received
+        assert rcpts == ["helpdesk@example.com"]
+        assert forwarded.startswith(b"Resent-From: support@example.com\r\n")
+        assert forwarded.endswith(raw)  # the message itself, byte for byte
+        assert requests(app) == []
+
+
+def test_serve_refuses_to_start_on_a_broken_rule(tmp_path: Path, database_url: str) -> None:
+    import shutil
+
+    from click.testing import CliRunner
+
+    from mailproc.cli import main
+    from mailproc.rules import RuleSet
+    from tests.support import write_config
+
+    folder = tmp_path / "rules"
+    shutil.copytree(RuleSet.from_settings(settings_rules()).folder, folder)
+    broken = folder / "10-reset-security-question.toml"
+    broken.write_text(broken.read_text().replace('min_strength = "strong"', 'min_strength = "max"'))
+    config = write_config(tmp_path / "mailproc.toml", database_url, rules={"path": str(folder)})
+    result = CliRunner().invoke(main, ["--config", str(config), "serve"])
+    assert result.exit_code == 78
+    assert result.output.startswith(f"Error: {broken}: [when] min_strength:"), result.output
+    assert result.output.count("\n") == 1
+
+
+def settings_rules() -> Any:
+    from mailproc.config import RulesSettings
+
+    return RulesSettings()
