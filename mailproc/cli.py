@@ -383,6 +383,7 @@ def message_dict(message: Message, *, full: bool = False) -> dict[str, Any]:
             if message.next_attempt_at
             else None,
             verdict=message.verdict,
+            decision=message.decision,
         )
     return data
 
@@ -443,7 +444,7 @@ def messages_show(ctx: Context, message_id: int, as_json: bool, raw: bool) -> No
         click.echo(json.dumps(data, indent=2))
         return
     for key, value in data.items():
-        if key in ("parsed", "verdict"):
+        if key in ("parsed", "verdict", "decision"):
             continue
         click.echo(f"{key + ':':<18}{'' if value is None else value}")
     parsed = message.parsed or {}
@@ -451,6 +452,10 @@ def messages_show(ctx: Context, message_id: int, as_json: bool, raw: bool) -> No
     verdict = message.verdict or {}
     for reason in verdict.get("reasons") or []:
         click.echo(f"{'auth reason:':<18}{reason}")
+    decision = message.decision
+    if decision is not None:
+        outcome = f" ({decision['outcome']})" if decision.get("outcome") else ""
+        click.echo(f"{'decision:':<18}rule {decision['rule']}: {decision['action']}{outcome}")
     if parsed.get("text_body"):
         click.echo("\n" + parsed["text_body"])
 
