@@ -27,7 +27,7 @@ from typing import Any
 
 import aiosmtplib
 import dkim
-from sqlalchemy import Connection, func, insert, select, text, update
+from sqlalchemy import Connection, Update, func, insert, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from mailproc.addresses import normalize_address
@@ -450,20 +450,22 @@ class OutboxSender:
             key=lambda delivery: delivery.outbox_id,
         )
 
+    def _held(self, delivery: Delivery) -> Update:
+        """An UPDATE of the entry that matches only while this sender's claim holds."""
+        return update(OutboxEntry).where(
+            OutboxEntry.id == delivery.outbox_id,
+            OutboxEntry.state == OutboxState.SENDING,
+            OutboxEntry.claimed_by == self.worker_id,
+            OutboxEntry.attempts == delivery.attempts,
+        )
+
     def release(self, deliveries: Sequence[Delivery]) -> None:
         """Give back claimed entries not attempted (on stop), due again at once."""
         now = utcnow()
         with self.db.writing() as session:
             for delivery in deliveries:
                 session.execute(
-                    update(OutboxEntry)
-                    .where(
-                        OutboxEntry.id == delivery.outbox_id,
-                        OutboxEntry.state == OutboxState.SENDING,
-                        OutboxEntry.claimed_by == self.worker_id,
-                        OutboxEntry.attempts == delivery.attempts,
-                    )
-                    .values(
+                    self._held(delivery).values(
                         state=OutboxState.PENDING,
                         attempts=OutboxEntry.attempts - 1,
                         claimed_by=None,
@@ -497,16 +499,7 @@ class OutboxSender:
                 error = f"gave up after {delivery.attempts} attempts: {error}"
             values |= {"state": OutboxState.FAILED, "last_error": error, "next_attempt_at": None}
         with self.db.writing() as session:
-            result = session.execute(
-                update(OutboxEntry)
-                .where(
-                    OutboxEntry.id == delivery.outbox_id,
-                    OutboxEntry.state == OutboxState.SENDING,
-                    OutboxEntry.claimed_by == self.worker_id,
-                    OutboxEntry.attempts == delivery.attempts,
-                )
-                .values(**values)
-            )
+            result = session.execute(self._held(delivery).values(**values))
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 log.warning(
                     "reply %d: claim lost before its outcome was recorded", delivery.outbox_id
