@@ -17,6 +17,7 @@ from mailproc.errors import NotFound
 from mailproc.models import (
     OPEN_REQUEST_STATES,
     AuditEvent,
+    OutboxEntry,
     RequestMessage,
     RequestState,
     ResetRequest,
@@ -89,11 +90,22 @@ def risk_flags(connection: Connection, account: Account, strength: str, now: dat
         .select_from(ResetRequest)
         .where(ResetRequest.account_id == account.id, ResetRequest.created_at > now - RISK_WINDOW)
     ).scalar_one()
-    if not earlier:
-        flags.append("first_request")
+    if not earlier and not _replied_before(connection, account.email, now):
+        flags.append("first_contact")
     if recent >= 2:
         flags.append("repeated_requests")
     return flags
+
+
+def _replied_before(connection: Connection, address: str, now: datetime) -> bool:
+    """Whether we have written to this address before (anything but this moment's replies)."""
+    return bool(
+        connection.execute(
+            select(func.count())
+            .select_from(OutboxEntry)
+            .where(OutboxEntry.recipient == address, OutboxEntry.created_at < now)
+        ).scalar_one()
+    )
 
 
 def open_or_join(

@@ -122,7 +122,7 @@ def test_signed_request_from_the_registered_address_queues_one_request_and_ackno
             "42",
             ALICE,
         )
-        assert "first_request" in request.risk_flags
+        assert "first_contact" in request.risk_flags
         detail = RequestService(app.app.database).get(request.id)
         assert [e.action for e in detail.events] == ["created"]
         assert detail.message_ids == [first.id]
