@@ -28,7 +28,8 @@ COPY config.example.toml /etc/mailproc/config.example.toml
 # Any setting can be overridden with MAILPROC_<SECTION>_<KEY> or a file in MAILPROC_CONFIG.
 ENV MAILPROC_SMTP_LISTEN=0.0.0.0:2525 \
     MAILPROC_DATABASE_URL=sqlite:////var/lib/mailproc/mailproc.db \
-    MAILPROC_TEMPLATES_PATH=/etc/mailproc/templates
+    MAILPROC_TEMPLATES_PATH=/etc/mailproc/templates \
+    MAILPROC_RULES_PATH=/etc/mailproc/rules
 
 USER mailproc
 WORKDIR /var/lib/mailproc
