@@ -80,7 +80,9 @@ class Pipeline:
         lookalike = None
         if verdict.from_address:
             claimed = self.directory.lookup(verdict.from_address)
-            if verdict.authenticated:
+            # Mail with wire-level irregularities (bare CR/LF, smuggling) never has an
+            # authenticated author, whatever its signatures say.
+            if verdict.authenticated and not wire_flags:
                 author = claimed
             lookalike = self.directory.lookalike(verdict.from_address)
         facts = Facts(
@@ -226,7 +228,7 @@ class Pipeline:
         self, connection: Connection, evaluation: Evaluation, source: Source, now: datetime
     ) -> dict[str, Any]:
         facts = evaluation.facts
-        if not facts.authenticated or not facts.from_address:
+        if not facts.authenticated or facts.wire_flags or not facts.from_address:
             # Replies go only to an authenticated address: never to a forged one.
             return self._record(
                 evaluation, "ignore", outcome="no reply: the sender is not authenticated"

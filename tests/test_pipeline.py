@@ -205,6 +205,26 @@ def test_unverified_variants_queue_nothing_and_get_the_reply_their_rule_says(
         assert templates == ["password_help", "unverified_notice", "use_registered_address"]
 
 
+def test_a_signed_request_with_wire_irregularities_queues_nothing(
+    database_url: str, accounts_url: str, key: DkimKey, relay: Relay
+) -> None:
+    # The signature still verifies (the extra header is not signed), but a bare CR is the kind
+    # of irregularity smuggling relies on: such mail is never an authenticated request.
+    head, _, body = signed(key).partition(b"\r\n\r\n")
+    raw = head + b"\r\nX-Relay-Note: a\rb\r\n\r\n" + body
+    with AppThread.running(database_url, **sections(accounts_url, relay)) as app:
+        message = processed(app, stored_id(send_raw(app.port, raw, ALICE)))
+        assert "bare_cr" in message.intake_flags
+        assert message.verdict is not None
+        assert message.verdict["dkim"][0]["result"] == "pass"
+        assert message.verdict["authenticated"] is False
+        assert "wire_bare_cr" in message.verdict["reasons"]
+        assert message.decision is not None
+        assert message.decision["rule"] == "unverified-reset-other"
+        assert message.decision["author"] is None
+        assert requests(app) == []
+
+
 def test_shadow_mode_decides_and_records_but_queues_and_sends_nothing(
     database_url: str, accounts_url: str, key: DkimKey, relay: Relay
 ) -> None:
