@@ -785,3 +785,47 @@ def requests_show(ctx: Context, request_id: int, as_json: bool) -> None:
         change = f" {event.from_state or '-'} -> {event.to_state}" if event.to_state else ""
         reason = f": {_printable(event.reason)}" if event.reason else ""
         click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.actor}  {event.action}{change}{reason}")
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The chained audit log."""
+
+
+@audit_group.command("verify")
+@pass_context
+def audit_verify(ctx: Context) -> None:
+    """Check every link of the audit log; exit 1 at the first broken one."""
+    from mailproc.requests import verify_chain
+
+    report = _run(lambda: verify_chain(ctx.database()))
+    if report.broken_at is not None:
+        raise click.ClickException(
+            f"audit log broken at event {report.broken_at}: {report.problem} "
+            f"({report.events} events before it are intact)"
+        )
+    click.echo(f"audit log intact ({report.events} events)")
+
+
+@audit_group.command("show")
+@click.option("--request", "request_id", type=int, default=None, help="Only this request.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@pass_context
+def audit_show(ctx: Context, request_id: int | None, limit: int, as_json: bool) -> None:
+    """Print the audit log, newest last."""
+    from mailproc.requests import RequestService, event_dict
+
+    events = _run(lambda: RequestService(ctx.database()).events(request_id, limit))
+    if as_json:
+        click.echo(json.dumps([event_dict(event) for event in events], indent=2))
+        return
+    for event in events:
+        change = f" {event.from_state or '-'} -> {event.to_state}" if event.to_state else ""
+        target = f"request {event.request_id}" if event.request_id else "-"
+        message = f" message {event.message_id}" if event.message_id else ""
+        reason = f": {_printable(event.reason)}" if event.reason else ""
+        click.echo(
+            f"{event.id:>6}  {event.at:%Y-%m-%d %H:%M:%S}  {event.actor:<10}  {target:<12}"
+            f"{event.action}{change}{message}{reason}"
+        )

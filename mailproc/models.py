@@ -286,14 +286,17 @@ class RequestMessage(Base):
 
 
 class AuditEvent(Base):
-    """One thing that happened to a request: who, when, from which state to which, and why.
-    Written in the transaction of the change itself."""
+    """One thing that happened (a message decided, a request created, joined, decided,
+    executed, ...): who, when, from which state to which, and why. Written in the transaction of
+    the change itself, and chained: each carries the hash of the one before it, so a row changed
+    or removed afterwards is found by ``mailproc audit verify``."""
 
     __tablename__ = "audit_event"
 
     id: Mapped[int] = mapped_column(BigID, primary_key=True)
-    request_id: Mapped[int] = mapped_column(
-        BigID, ForeignKey("reset_request.id", ondelete="CASCADE"), index=True
+    # Plain foreign keys: the log is append-only, so nothing may delete or rewrite its rows.
+    request_id: Mapped[int | None] = mapped_column(
+        BigID, ForeignKey("reset_request.id"), index=True
     )
     at: Mapped[datetime]
     actor: Mapped[str] = mapped_column(String(128))
@@ -302,9 +305,9 @@ class AuditEvent(Base):
     to_state: Mapped[str | None] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any] | None]
-    message_id: Mapped[int | None] = mapped_column(
-        BigID, ForeignKey("message.id", ondelete="SET NULL")
-    )
+    message_id: Mapped[int | None] = mapped_column(BigID, ForeignKey("message.id"))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
 
 
 class Sighting(Base):

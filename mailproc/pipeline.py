@@ -26,7 +26,7 @@ from mailproc.auth import Verdict
 from mailproc.config import Settings
 from mailproc.models import OutboxEntry, OutboxState
 from mailproc.outbox import Outbox, Source
-from mailproc.requests import open_or_join, record_sighting, risk_flags
+from mailproc.requests import audit, open_or_join, record_sighting, risk_flags
 from mailproc.rules import Decision, Facts, RuleSet
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,38 @@ class Pipeline:
         source: Source,
         now: datetime,
     ) -> dict[str, Any]:
-        """Carry out the decision; returns the record stored with the message."""
+        """Carry out the decision; returns the record stored with the message. The decision
+        is also appended to the audit log."""
+        record = self._apply(
+            connection,
+            message_id=message_id,
+            evaluation=evaluation,
+            verdict=verdict,
+            source=source,
+            now=now,
+        )
+        outcome = f" ({record['outcome']})" if record.get("outcome") else ""
+        audit(
+            connection,
+            record.get("request_id"),
+            action="message_decided",
+            at=now,
+            reason=f"rule {record['rule']}: {record['action']}{outcome}",
+            details={"strength": verdict.strength.value, "author": verdict.from_address},
+            message_id=message_id,
+        )
+        return record
+
+    def _apply(
+        self,
+        connection: Connection,
+        *,
+        message_id: int,
+        evaluation: Evaluation,
+        verdict: Verdict,
+        source: Source,
+        now: datetime,
+    ) -> dict[str, Any]:
         if any(reason.startswith("replay:") for reason in verdict.reasons):
             # Seen before: a duplicate delivery or a replay. Either way, never acted on again.
             return self._record(evaluation, "ignore", outcome="replay of an earlier message")

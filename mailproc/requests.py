@@ -3,12 +3,15 @@ each change written with its audit event; read by the CLI, and by the console an
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import json
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mailproc.accounts import Account
@@ -41,9 +44,42 @@ class Opened:
     joined: bool  # True: the message joined a request that was already open
 
 
+GENESIS = "0" * 64
+
+
+def _event_hash(prev_hash: str, event: dict[str, Any]) -> str:
+    """The hash of one audit event: its fields (canonical JSON) after the previous hash."""
+    body = json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(f"{prev_hash}\n{body}".encode()).hexdigest()
+
+
+def _event_fields(
+    request_id: int | None,
+    at: datetime,
+    actor: str,
+    action: str,
+    from_state: str | None,
+    to_state: str | None,
+    reason: str | None,
+    details: dict[str, Any] | None,
+    message_id: int | None,
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "at": at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "actor": actor,
+        "action": action,
+        "from_state": from_state,
+        "to_state": to_state,
+        "reason": reason,
+        "details": details,
+        "message_id": message_id,
+    }
+
+
 def audit(
     connection: Connection,
-    request_id: int,
+    request_id: int | None,
     *,
     action: str,
     at: datetime,
@@ -54,19 +90,94 @@ def audit(
     details: dict[str, Any] | None = None,
     message_id: int | None = None,
 ) -> None:
+    """Append one event to the chained audit log, in the caller's transaction."""
+    if connection.dialect.name == "postgresql":
+        # One appender at a time, so that every event follows exactly the one before it.
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
+    prev_hash = (
+        connection.execute(
+            select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
+        ).scalar_one_or_none()
+        or GENESIS
+    )
+    fields = _event_fields(
+        request_id,
+        at,
+        actor,
+        action,
+        from_state.value if from_state else None,
+        to_state.value if to_state else None,
+        reason,
+        details,
+        message_id,
+    )
     connection.execute(
         insert(AuditEvent).values(
             request_id=request_id,
             at=at,
             actor=actor,
             action=action,
-            from_state=from_state.value if from_state else None,
-            to_state=to_state.value if to_state else None,
+            from_state=fields["from_state"],
+            to_state=fields["to_state"],
             reason=reason,
             details=details,
             message_id=message_id,
+            prev_hash=prev_hash,
+            hash=_event_hash(prev_hash, fields),
         )
     )
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    events: int
+    broken_at: int | None  # the id of the first event that does not fit
+    problem: str | None
+
+
+def verify_chain(database: Database, batch: int = 1000) -> ChainReport:
+    """Walk the audit log in order and check every link: each event's stored hash must be the
+    hash of its own fields after the previous event's hash."""
+    expected_prev = GENESIS
+    count = 0
+    last_id = 0
+    with database.reading() as session:
+        while True:
+            rows = list(
+                session.scalars(
+                    select(AuditEvent)
+                    .where(AuditEvent.id > last_id)
+                    .order_by(AuditEvent.id)
+                    .limit(batch)
+                )
+            )
+            if not rows:
+                return ChainReport(count, None, None)
+            for event in rows:
+                fields = _event_fields(
+                    event.request_id,
+                    event.at,
+                    event.actor,
+                    event.action,
+                    event.from_state,
+                    event.to_state,
+                    event.reason,
+                    event.details,
+                    event.message_id,
+                )
+                if event.prev_hash != expected_prev:
+                    return ChainReport(
+                        count,
+                        event.id,
+                        "it does not follow the event before it (an event was removed or inserted)",
+                    )
+                if _event_hash(event.prev_hash, fields) != event.hash:
+                    return ChainReport(
+                        count, event.id, "its content was changed after it was written"
+                    )
+                expected_prev = event.hash
+                count += 1
+                last_id = event.id
 
 
 def risk_flags(connection: Connection, account: Account, strength: str, now: datetime) -> list[str]:
@@ -256,6 +367,14 @@ class RequestService:
             )
             return RequestDetail(request, events, message_ids)
 
+    def events(self, request_id: int | None = None, limit: int = 100) -> builtins.list[AuditEvent]:
+        """The latest ``limit`` audit events (of one request), oldest first."""
+        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if request_id is not None:
+            query = query.where(AuditEvent.request_id == request_id)
+        with self.db.reading() as session:
+            return list(reversed(list(session.scalars(query))))
+
     def counts(self) -> dict[str, int]:
         with self.db.reading() as session:
             rows = session.execute(
@@ -285,6 +404,8 @@ def request_dict(request: ResetRequest) -> dict[str, Any]:
 
 def event_dict(event: AuditEvent) -> dict[str, Any]:
     return {
+        "id": event.id,
+        "request_id": event.request_id,
         "at": event.at.isoformat(),
         "actor": event.actor,
         "action": event.action,
@@ -293,4 +414,5 @@ def event_dict(event: AuditEvent) -> dict[str, Any]:
         "reason": event.reason,
         "details": event.details,
         "message_id": event.message_id,
+        "hash": event.hash,
     }

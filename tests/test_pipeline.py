@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from mailproc.models import Message, MessageState, OutboxEntry, OutboxState, ResetRequest
-from mailproc.requests import RequestService
+from mailproc.requests import RequestService, verify_chain
 from tests.dkimkeys import DkimKey, build_message, publish, rsa_key, sign
 from tests.dnsserver import ZoneServer
 from tests.support import AppThread, send_raw, stored_id, wait_for
@@ -124,7 +124,7 @@ def test_signed_request_from_the_registered_address_queues_one_request_and_ackno
         )
         assert "first_contact" in request.risk_flags
         detail = RequestService(app.app.database).get(request.id)
-        assert [e.action for e in detail.events] == ["created"]
+        assert [e.action for e in detail.events] == ["created", "message_decided"]
         assert detail.message_ids == [first.id]
         [ack] = deliver(app, relay, 1)
         assert str(ack["To"]) == ALICE
@@ -145,7 +145,18 @@ def test_signed_request_from_the_registered_address_queues_one_request_and_ackno
         [request] = requests(app)
         detail = RequestService(app.app.database).get(request.id)
         assert detail.message_ids == sorted({first.id, again.id, one.id})
-        assert [e.action for e in detail.events] == ["created", "joined", "joined"]
+        assert [e.action for e in detail.events] == [
+            "created",
+            "message_decided",
+            "joined",
+            "message_decided",
+            "joined",
+            "message_decided",
+        ]
+        # Every message's decision, the replay's included, is in the chained audit log.
+        report = verify_chain(app.app.database)
+        assert report.broken_at is None
+        assert report.events == 7
 
     # What an operator sees of it.
     from click.testing import CliRunner

@@ -3,16 +3,26 @@ risk flags."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from mailproc import db
 from mailproc.accounts import Account
-from mailproc.models import RequestState, ResetRequest, utcnow
-from mailproc.requests import Opened, RequestService, open_or_join, record_sighting, risk_flags
+from mailproc.models import AuditEvent, RequestState, ResetRequest, utcnow
+from mailproc.requests import (
+    ChainReport,
+    Opened,
+    RequestService,
+    open_or_join,
+    record_sighting,
+    risk_flags,
+    verify_chain,
+)
 from mailproc.services import MessageService
 from tests.support import settings_for
 from tests.test_services import arrival
@@ -108,3 +118,54 @@ def test_risk_flags(database: db.Database, database_url: str) -> None:
         flags = risk_flags(connection, changed, "strong", utcnow())
     assert "repeated_requests" in flags
     assert "first_contact" not in flags
+
+
+def test_audit_chain_verifies_and_finds_a_changed_or_removed_event(
+    database: db.Database, database_url: str, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from mailproc.cli import main
+    from tests.support import write_config
+
+    first, second, third = messages(database, database_url, 3)
+    opened(database, first)
+    opened(database, second)
+    opened(database, third, Account("7", "carol@example.org"))
+    config = write_config(tmp_path / "mailproc.toml", database_url)
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(main, ["--config", str(config), *args])
+        return result.exit_code, result.output
+
+    assert verify_chain(database) == ChainReport(3, None, None)
+    assert cli("audit", "verify") == (0, "audit log intact (3 events)\n")
+    code, shown = cli("audit", "show", "--request", "1", "--json")
+    assert [e["action"] for e in json.loads(shown)] == ["created", "joined"]
+
+    with database.engine.begin() as connection:
+        connection.execute(
+            update(AuditEvent).where(AuditEvent.id == 2).values(reason="nothing to see here")
+        )
+    report = verify_chain(database)
+    assert (report.events, report.broken_at) == (1, 2)
+    code, output = cli("audit", "verify")
+    assert code == 1
+    assert output == (
+        "Error: audit log broken at event 2: its content was changed after it was written "
+        "(1 events before it are intact)\n"
+    )
+
+    with database.engine.begin() as connection:
+        connection.execute(
+            update(AuditEvent)
+            .where(AuditEvent.id == 2)
+            .values(reason="another verified request for the same account")
+        )
+    assert verify_chain(database).broken_at is None
+    with database.engine.begin() as connection:
+        connection.execute(delete(AuditEvent).where(AuditEvent.id == 2))
+    report = verify_chain(database)
+    assert report.broken_at == 3
+    assert report.problem is not None
+    assert "removed or inserted" in report.problem

@@ -1,4 +1,4 @@
-"""reset requests, their messages and audit trail, lookalike sightings, message decisions
+"""reset requests, their messages and chained audit log, lookalike sightings, message decisions
 
 Revision ID: 0004
 Revises: 0003
@@ -118,7 +118,7 @@ def upgrade() -> None:
         "audit_event",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column(
-            "request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+            "request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.String(length=128), nullable=False),
@@ -134,19 +134,18 @@ def upgrade() -> None:
         sa.Column(
             "message_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
         ),
+        sa.Column("prev_hash", sa.String(length=64), nullable=False),
+        sa.Column("hash", sa.String(length=64), nullable=False),
         sa.ForeignKeyConstraint(
-            ["message_id"],
-            ["message.id"],
-            name=op.f("fk_audit_event_message_id_message"),
-            ondelete="SET NULL",
+            ["message_id"], ["message.id"], name=op.f("fk_audit_event_message_id_message")
         ),
         sa.ForeignKeyConstraint(
             ["request_id"],
             ["reset_request.id"],
             name=op.f("fk_audit_event_request_id_reset_request"),
-            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_event")),
+        sa.UniqueConstraint("hash", name=op.f("uq_audit_event_hash")),
     )
     with op.batch_alter_table("audit_event", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_audit_event_request_id"), ["request_id"], unique=False)
