@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from mailproc import db
+from mailproc.actions import ResetExecutor
 from mailproc.config import Settings
 from mailproc.intake import GroupCommitter
 from mailproc.outbox import OutboxSender
@@ -48,9 +49,12 @@ class App:
         Templates.from_settings(settings.templates).check()
         RuleSet.from_settings(settings.rules)
         check_directory(settings)
-        self.sender = OutboxSender(settings, self.database, new_worker_id())
+        instance = new_worker_id()
+        self.sender = OutboxSender(settings, self.database, instance)
+        self.executor = ResetExecutor(settings, self.database, instance)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self._delivering = asyncio.Lock()
+        self._executing = asyncio.Lock()
         self._stopping = False
 
     async def start(self) -> None:
@@ -83,6 +87,16 @@ class App:
             coalesce=True,
             misfire_grace_time=None,
         )
+        self.scheduler.add_job(
+            self.execute_resets,
+            "interval",
+            seconds=self.settings.reset.poll_interval_seconds,
+            next_run_time=datetime.now(UTC),
+            id="reset",
+            max_instances=2,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         self.scheduler.start()
         log.info(
             "mailproc %s listening on %s:%d (database %s)",
@@ -104,8 +118,9 @@ class App:
         self._stopping = True
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        async with self._delivering:  # the attempt in hand is finished and recorded
-            pass
+        async with self._delivering, self._executing:
+            pass  # the attempts in hand are finished and recorded
+        self.executor.close()
         self.database.dispose()
         log.info("stopped")
 
@@ -119,6 +134,16 @@ class App:
             except Exception:
                 # The database is away, say: nothing is lost, the next run tries again.
                 log.exception("outbox delivery failed; trying again at the next run")
+
+    async def execute_resets(self) -> None:
+        """The scheduler's reset job: carry out every approved reset that is due."""
+        if self._stopping or self._executing.locked():
+            return
+        async with self._executing:
+            try:
+                await self.executor.run_once(stop=lambda: self._stopping)
+            except Exception:
+                log.exception("carrying out resets failed; trying again at the next run")
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()

@@ -762,12 +762,14 @@ def requests_list(
 @pass_context
 def requests_show(ctx: Context, request_id: int, as_json: bool) -> None:
     """Show one request with its decision, messages and audit trail."""
-    from mailproc.requests import RequestService, event_dict, request_dict
+    from mailproc.requests import RequestService, event_dict, execution_dict, request_dict
 
     detail = _run(lambda: RequestService(ctx.database()).get(request_id))
     data = request_dict(detail.request) | {
         "message_ids": detail.message_ids,
         "decision": detail.request.decision,
+        "votes": [vote.to_dict() for vote in detail.votes],
+        "execution": execution_dict(detail.execution) if detail.execution else None,
         "events": [event_dict(event) for event in detail.events],
     }
     if as_json:
@@ -780,11 +782,211 @@ def requests_show(ctx: Context, request_id: int, as_json: bool) -> None:
         click.echo(f"{key + ':':<15}{'' if value is None else _printable(str(value))}")
     click.echo(f"{'messages:':<15}{', '.join(str(i) for i in detail.message_ids)}")
     click.echo(f"{'rule:':<15}{detail.request.decision.get('rule')}")
+    for vote in detail.votes:
+        click.echo(
+            f"{'approval:':<15}{vote.agent} at {vote.at:%Y-%m-%d %H:%M:%S}: {_printable(vote.note)}"
+        )
+    if detail.execution is not None:
+        run = detail.execution
+        note = run.last_error or run.response or ""
+        click.echo(
+            f"{'reset:':<15}{run.method}, {run.state.value} after {run.attempts} attempt(s)"
+            + (f": {_printable(note)}" if note else "")
+        )
     click.echo("\naudit trail:")
     for event in detail.events:
         change = f" {event.from_state or '-'} -> {event.to_state}" if event.to_state else ""
         reason = f": {_printable(event.reason)}" if event.reason else ""
         click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {event.actor}  {event.action}{change}{reason}")
+
+
+def _decided(ctx: Context, outcome: Any, as_json: bool) -> None:
+    from mailproc.requests import request_dict
+
+    request = outcome.request
+    if as_json:
+        click.echo(json.dumps(request_dict(request) | {"summary": outcome.summary}, indent=2))
+    else:
+        click.echo(f"request {request.id} ({request.reference}): {request.state.value}")
+        click.echo(outcome.summary)
+
+
+def _decisions(ctx: Context) -> Any:
+    from mailproc.decisions import DecisionService
+
+    with _user_errors():
+        return DecisionService(ctx.settings, ctx.database())
+
+
+_AGENT = click.option("--agent", "agent", required=True, help="The agent deciding (by name).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+
+
+@requests_group.command("approve")
+@click.argument("request_id", type=int)
+@_AGENT
+@click.option("--note", required=True, help="How you verified the owner (kept on record).")
+@_JSON
+@pass_context
+def requests_approve(ctx: Context, request_id: int, agent: str, note: str, as_json: bool) -> None:
+    """Approve a pending request. A flagged one needs a second, different agent (four-eyes)."""
+    decisions = _decisions(ctx)
+    _decided(ctx, _run(lambda: decisions.approve(request_id, agent, note)), as_json)
+
+
+@requests_group.command("deny")
+@click.argument("request_id", type=int)
+@_AGENT
+@click.option("--reason", required=True, help="Why; it is sent to the owner.")
+@_JSON
+@pass_context
+def requests_deny(ctx: Context, request_id: int, agent: str, reason: str, as_json: bool) -> None:
+    """Deny a pending request; the owner gets the reason."""
+    decisions = _decisions(ctx)
+    _decided(ctx, _run(lambda: decisions.deny(request_id, agent, reason)), as_json)
+
+
+@requests_group.command("cancel")
+@click.argument("request_id", type=int)
+@_AGENT
+@click.option("--reason", default=None, help="Why (kept on record).")
+@_JSON
+@pass_context
+def requests_cancel(
+    ctx: Context, request_id: int, agent: str, reason: str | None, as_json: bool
+) -> None:
+    """Close a request without a reset (admins only), unless its reset is running."""
+    decisions = _decisions(ctx)
+    _decided(ctx, _run(lambda: decisions.cancel(request_id, agent, reason)), as_json)
+
+
+@requests_group.command("complete")
+@click.argument("request_id", type=int)
+@_AGENT
+@click.option("--note", default=None, help="What was done (kept on record).")
+@_JSON
+@pass_context
+def requests_complete(
+    ctx: Context, request_id: int, agent: str, note: str | None, as_json: bool
+) -> None:
+    """Mark an approved request done after resetting by hand ([reset] method = "manual")."""
+    decisions = _decisions(ctx)
+    _decided(ctx, _run(lambda: decisions.complete(request_id, agent, note)), as_json)
+
+
+@requests_group.command("retry")
+@click.argument("request_id", type=int)
+@_AGENT
+@_JSON
+@pass_context
+def requests_retry(ctx: Context, request_id: int, agent: str, as_json: bool) -> None:
+    """Carry out a failed reset again, from its first attempt (admins only)."""
+    decisions = _decisions(ctx)
+    _decided(ctx, _run(lambda: decisions.retry(request_id, agent)), as_json)
+
+
+@main.group("agents")
+def agents_group() -> None:
+    """The support agents who decide requests."""
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        raise click.UsageError("no terminal to ask for the password: give --password-stdin")
+    from mailproc.agents import AgentError, check_password
+
+    try:
+        return check_password(password)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@agents_group.command("add")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["agent", "admin"]), default="agent", show_default=True)
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
+@_JSON
+@pass_context
+def agents_add(ctx: Context, name: str, role: str, password_stdin: bool, as_json: bool) -> None:
+    """Add an agent (argon2id-hashed password; asked for twice on a terminal)."""
+    from mailproc.agents import AgentError, AgentService, check_name
+    from mailproc.models import AgentRole
+
+    try:
+        check_name(name)
+    except AgentError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    password = _read_password(password_stdin)
+    info = _run(lambda: AgentService(ctx.database()).add(name, password, AgentRole(role)))
+    if as_json:
+        click.echo(json.dumps(info.to_dict()))
+    else:
+        click.echo(f"agent {info.name} added ({info.role.value})")
+
+
+@agents_group.command("list")
+@_JSON
+@pass_context
+def agents_list(ctx: Context, as_json: bool) -> None:
+    """List agents."""
+    from mailproc.agents import AgentService
+
+    agents = _run(AgentService(ctx.database()).list)
+    if as_json:
+        click.echo(json.dumps([agent.to_dict() for agent in agents], indent=2))
+        return
+    if not agents:
+        click.echo("no agents (mailproc agents add NAME adds one)")
+        return
+    click.echo(f"{'NAME':<24}  {'ROLE':<6}  {'STATE':<9}  CREATED")
+    for agent in agents:
+        state = "active" if agent.active else "disabled"
+        click.echo(
+            f"{agent.name:<24}  {agent.role.value:<6}  {state:<9}  {agent.created_at:%Y-%m-%d}"
+        )
+
+
+@agents_group.command("disable")
+@click.argument("name")
+@pass_context
+def agents_disable(ctx: Context, name: str) -> None:
+    """Disable an agent: they decide nothing more (their past decisions stay on record)."""
+    from mailproc.agents import AgentService
+
+    info = _run(lambda: AgentService(ctx.database()).disable(name))
+    click.echo(f"agent {info.name} disabled")
+
+
+@agents_group.command("enable")
+@click.argument("name")
+@pass_context
+def agents_enable(ctx: Context, name: str) -> None:
+    """Enable a disabled agent again."""
+    from mailproc.agents import AgentService
+
+    info = _run(lambda: AgentService(ctx.database()).enable(name))
+    click.echo(f"agent {info.name} enabled")
+
+
+@agents_group.command("password")
+@click.argument("name")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from the first line of stdin."
+)
+@pass_context
+def agents_password(ctx: Context, name: str, password_stdin: bool) -> None:
+    """Set an agent's password."""
+    from mailproc.agents import AgentService
+
+    password = _read_password(password_stdin)
+    info = _run(lambda: AgentService(ctx.database()).set_password(name, password))
+    click.echo(f"password of agent {info.name} set")
 
 
 @main.group("audit")

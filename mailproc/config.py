@@ -13,7 +13,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -203,6 +205,10 @@ def _url(value: Any) -> str:
     return text
 
 
+def _url_or_empty(value: Any) -> str:
+    return _url(value) if _str(value) else ""
+
+
 def _log_level(value: Any) -> str:
     return _one_of("debug", "info", "warning", "error")(value)
 
@@ -380,6 +386,25 @@ class OutboundSettings:
 
 
 @dataclass(frozen=True)
+class ApprovalSettings:
+    four_eyes_for_flagged: bool = _key(True, _bool, "bool")
+
+
+@dataclass(frozen=True)
+class ResetSettings:
+    method: str = _key("manual", _one_of("manual", "webhook", "sql"), "str")
+    webhook_url: str = _key("", _url_or_empty, "str")
+    webhook_secret: str = _key("", _str, "str")
+    sql: str = _key("", _str, "str")
+    timeout_seconds: float = _key(10.0, _positive_float, "float")
+    max_attempts: int = _key(8, _positive_int, "int")
+    retry_base_seconds: float = _key(30.0, _positive_float, "float")
+    retry_max_seconds: float = _key(3600.0, _positive_float, "float")
+    poll_interval_seconds: float = _key(5.0, _positive_float, "float")
+    lease_seconds: float = _key(60.0, _positive_float, "float")
+
+
+@dataclass(frozen=True)
 class Settings:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -393,6 +418,8 @@ class Settings:
     rules: RulesSettings = field(default_factory=RulesSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     mode: ModeSettings = field(default_factory=ModeSettings)
+    approval: ApprovalSettings = field(default_factory=ApprovalSettings)
+    reset: ResetSettings = field(default_factory=ResetSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -513,6 +540,7 @@ def _cross_checks(settings: Settings) -> None:
             f"timeout_seconds ({outbound.timeout_seconds:g}), so that no reply still being sent "
             "is taken over and sent twice"
         )
+    _check_reset(settings)
     if outbound.password and not outbound.username:
         raise ConfigError(f"{settings.where('outbound', 'password')}: needs username too")
     if smtp.tls_cert_file:
@@ -525,6 +553,48 @@ def _cross_checks(settings: Settings) -> None:
                 f"{settings.where('smtp', 'tls_cert_file')}: cannot load the certificate and "
                 f"key: {exc.strerror or exc}"
             ) from None
+
+
+WEBHOOK_SECRET_MIN_LENGTH = 32
+
+
+def _check_reset(settings: Settings) -> None:
+    reset = settings.reset
+    where = settings.where
+    if reset.lease_seconds < 4 * reset.timeout_seconds:
+        raise ConfigError(
+            f"{where('reset', 'lease_seconds')}: must be at least 4 times timeout_seconds "
+            f"({reset.timeout_seconds:g}), so that no reset still running is taken over and run "
+            "twice"
+        )
+    if reset.method == "webhook":
+        if not reset.webhook_url:
+            raise ConfigError(f'{where("reset", "method")}: "webhook" needs webhook_url')
+        if len(reset.webhook_secret) < WEBHOOK_SECRET_MIN_LENGTH:
+            raise ConfigError(
+                f"{where('reset', 'webhook_secret')}: the webhook needs a secret of at least "
+                f"{WEBHOOK_SECRET_MIN_LENGTH} characters (set MAILPROC_RESET_WEBHOOK_SECRET, for "
+                "example to the output of: openssl rand -hex 32)"
+            )
+    if reset.method == "sql":
+        if not reset.sql.strip():
+            raise ConfigError(
+                f'{where("reset", "method")}: "sql" needs sql, one statement with the '
+                "parameter :account_id (see config.example.toml)"
+            )
+        if not settings.accounts.url:
+            raise ConfigError(
+                f'{where("reset", "method")}: "sql" runs against the accounts database: '
+                "set [accounts] url"
+            )
+        names = set(text(reset.sql).compile().params)
+        if names != {"account_id"}:
+            problem = (
+                "must use the parameter :account_id"
+                if "account_id" not in names
+                else f"may use only :account_id, not {', '.join(sorted(names - {'account_id'}))}"
+            )
+            raise ConfigError(f"{where('reset', 'sql')}: {problem}")
 
 
 def parse_settings(
@@ -545,6 +615,14 @@ def parse_settings(
         section: _build(section, cls, data.get(section, {}), source, env, origins)
         for section, cls in SECTIONS.items()
     }
+    reset = built["reset"]
+    if reset.method == "webhook" and reset.webhook_url.startswith("http://"):
+        host = urlsplit(reset.webhook_url).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            warnings.append(
+                f"[reset] webhook_url: {reset.webhook_url} is plain http: the signature keeps "
+                "the call from being forged, but the account's address travels unencrypted"
+            )
     settings = Settings(**built, source=source, origins=origins, warnings=tuple(warnings))
     _cross_checks(settings)
     return settings

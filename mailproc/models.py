@@ -256,6 +256,11 @@ class ResetRequest(Base):
     updated_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     decided_at: Mapped[datetime | None]
+    # The agents whose approval (or denial, or cancel) decided it, comma-separated, and the
+    # note (approval) or reason (denial, cancel, failure) that goes with it.
+    decided_by: Mapped[str | None] = mapped_column(String(300))
+    decision_note: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_reset_request_state_created_at", "state", "created_at"),
@@ -323,3 +328,98 @@ class Sighting(Base):
         BigID, ForeignKey("message.id", ondelete="SET NULL")
     )
     seen_at: Mapped[datetime]
+
+
+class AgentRole(enum.StrEnum):
+    """``agent``: approves and denies. ``admin``: also cancels, retries failed resets and
+    manages agents."""
+
+    AGENT = "agent"
+    ADMIN = "admin"
+
+
+class Agent(Base):
+    """A person who decides requests. Never deleted (the audit log names them): disabled."""
+
+    __tablename__ = "agent"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[AgentRole] = mapped_column(
+        Enum(
+            AgentRole,
+            native_enum=False,
+            length=16,
+            values_callable=lambda roles: [r.value for r in roles],
+            validate_strings=True,
+            create_constraint=True,
+            name="agent_role",
+        )
+    )
+    # argon2id, in the PHC string format.
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    disabled_at: Mapped[datetime | None]
+
+
+class ApprovalVote(Base):
+    """One agent's approval of a request that needs two (four-eyes): the first is recorded
+    here, the second, by a different agent, carries the request to ``approved``."""
+
+    __tablename__ = "approval_vote"
+
+    request_id: Mapped[int] = mapped_column(BigID, ForeignKey("reset_request.id"), primary_key=True)
+    agent_id: Mapped[int] = mapped_column(BigID, ForeignKey("agent.id"), primary_key=True)
+    note: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime]
+
+
+class ExecutionState(enum.StrEnum):
+    """Where carrying out an approved reset is: ``pending`` waits for its (next) attempt,
+    ``running`` is held by one instance, ``manual`` waits for an agent to do it by hand."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    MANUAL = "manual"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ResetExecution(Base):
+    """Carrying out one approved reset, with retries: at most one per request (the request id
+    is the idempotency key the application sees), and never run again once it succeeded."""
+
+    __tablename__ = "reset_execution"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    request_id: Mapped[int] = mapped_column(BigID, ForeignKey("reset_request.id"), unique=True)
+    method: Mapped[str] = mapped_column(String(16))
+    state: Mapped[ExecutionState] = mapped_column(
+        Enum(
+            ExecutionState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda states: [s.value for s in states],
+            validate_strings=True,
+            create_constraint=True,
+            name="execution_state",
+        )
+    )
+    # What the application receives: the same bytes on every attempt.
+    payload: Mapped[dict[str, Any]]
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # The application's answer to the last attempt (status and the start of the body).
+    response: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_reset_execution_state_next_attempt_at", "state", "next_attempt_at"),
+    )

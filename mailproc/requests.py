@@ -19,10 +19,13 @@ from mailproc.db import Database
 from mailproc.errors import NotFound
 from mailproc.models import (
     OPEN_REQUEST_STATES,
+    Agent,
+    ApprovalVote,
     AuditEvent,
     OutboxEntry,
     RequestMessage,
     RequestState,
+    ResetExecution,
     ResetRequest,
     Sighting,
 )
@@ -325,10 +328,22 @@ def record_sighting(
 
 
 @dataclass(frozen=True)
+class Vote:
+    agent: str
+    note: str
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agent": self.agent, "note": self.note, "at": self.at.isoformat()}
+
+
+@dataclass(frozen=True)
 class RequestDetail:
     request: ResetRequest
     events: list[AuditEvent]
     message_ids: list[int]
+    votes: list[Vote]
+    execution: ResetExecution | None
 
 
 class RequestService:
@@ -365,7 +380,19 @@ class RequestService:
                     .order_by(RequestMessage.message_id)
                 )
             )
-            return RequestDetail(request, events, message_ids)
+            votes = [
+                Vote(name, note, at)
+                for name, note, at in session.execute(
+                    select(Agent.name, ApprovalVote.note, ApprovalVote.at)
+                    .join(Agent, Agent.id == ApprovalVote.agent_id)
+                    .where(ApprovalVote.request_id == request_id)
+                    .order_by(ApprovalVote.at)
+                )
+            ]
+            execution = session.scalars(
+                select(ResetExecution).where(ResetExecution.request_id == request_id)
+            ).first()
+            return RequestDetail(request, events, message_ids, votes, execution)
 
     def events(self, request_id: int | None = None, limit: int = 100) -> builtins.list[AuditEvent]:
         """The latest ``limit`` audit events (of one request), oldest first."""
@@ -399,6 +426,23 @@ def request_dict(request: ResetRequest) -> dict[str, Any]:
         "updated_at": request.updated_at.isoformat(),
         "expires_at": request.expires_at.isoformat(),
         "decided_at": request.decided_at.isoformat() if request.decided_at else None,
+        "decided_by": request.decided_by.split(",") if request.decided_by else [],
+        "decision_note": request.decision_note,
+        "completed_at": request.completed_at.isoformat() if request.completed_at else None,
+    }
+
+
+def execution_dict(execution: ResetExecution) -> dict[str, Any]:
+    return {
+        "method": execution.method,
+        "state": execution.state.value,
+        "attempts": execution.attempts,
+        "next_attempt_at": (
+            execution.next_attempt_at.isoformat() if execution.next_attempt_at else None
+        ),
+        "last_error": execution.last_error,
+        "response": execution.response,
+        "finished_at": execution.finished_at.isoformat() if execution.finished_at else None,
     }
 
 
