@@ -20,6 +20,7 @@ from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.config import CONFIG_ENV, ConfigError, Settings, load_settings
 from mailproc.logs import setup_logging
 from mailproc.models import (
+    ExecutionState,
     Message,
     MessageState,
     OutboxEntry,
@@ -789,10 +790,11 @@ def requests_show(ctx: Context, request_id: int, as_json: bool) -> None:
     if detail.execution is not None:
         run = detail.execution
         note = run.last_error or run.response or ""
-        click.echo(
-            f"{'reset:':<15}{run.method}, {run.state.value} after {run.attempts} attempt(s)"
-            + (f": {_printable(note)}" if note else "")
-        )
+        if run.state == ExecutionState.MANUAL:
+            line = "manual: waiting for an agent to reset by hand and run requests complete"
+        else:
+            line = f"{run.method}, {run.state.value} after {run.attempts} attempt(s)"
+        click.echo(f"{'reset:':<15}{line}" + (f": {_printable(note)}" if note else ""))
     click.echo("\naudit trail:")
     for event in detail.events:
         change = f" {event.from_state or '-'} -> {event.to_state}" if event.to_state else ""

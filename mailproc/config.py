@@ -588,6 +588,11 @@ def _check_reset(settings: Settings) -> None:
                 "set [accounts] url"
             )
         names = set(text(reset.sql).compile().params)
+        if ":account_id::" in reset.sql:
+            raise ConfigError(
+                f"{where('reset', 'sql')}: a parameter followed by :: is not bound; write "
+                "CAST(:account_id AS bigint) instead of :account_id::bigint"
+            )
         if names != {"account_id"}:
             problem = (
                 "must use the parameter :account_id"
@@ -619,8 +624,9 @@ def parse_settings(
     if reset.method == "webhook" and reset.webhook_url.startswith("http://"):
         host = urlsplit(reset.webhook_url).hostname or ""
         if host not in ("localhost", "127.0.0.1", "::1"):
+            where = origins.get("reset.webhook_url", "[reset] webhook_url")
             warnings.append(
-                f"[reset] webhook_url: {reset.webhook_url} is plain http: the signature keeps "
+                f"{where}: {reset.webhook_url} is plain http: the signature keeps "
                 "the call from being forged, but the account's address travels unencrypted"
             )
     settings = Settings(**built, source=source, origins=origins, warnings=tuple(warnings))

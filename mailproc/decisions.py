@@ -161,7 +161,7 @@ class DecisionService:
                 )
             voters = list(
                 session.execute(
-                    select(Agent.id, Agent.name)
+                    select(Agent.id, Agent.name, Agent.disabled_at)
                     .join(ApprovalVote, ApprovalVote.agent_id == Agent.id)
                     .where(ApprovalVote.request_id == request_id)
                     .order_by(ApprovalVote.at)
@@ -177,7 +177,9 @@ class DecisionService:
                     request_id=request_id, agent_id=agent.id, note=note, at=now
                 )
             )
-            approvers = [voter.name for voter in voters] + [agent.name]
+            # The vote of an agent disabled since does not count towards four-eyes.
+            approvers = [voter.name for voter in voters if voter.disabled_at is None]
+            approvers.append(agent.name)
             if self.needs_two(request) and len(approvers) < 2:
                 request.updated_at = now
                 audit(

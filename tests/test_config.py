@@ -100,6 +100,8 @@ def test_example_config_sets_every_key_of_every_section() -> None:
         "rules",
         "queue",
         "mode",
+        "approval",
+        "reset",
     }
     assert set(data) == set(SECTIONS)
     for section, cls in SECTIONS.items():
@@ -909,4 +911,329 @@ def test_templates_path_must_be_a_folder(write, tmp_path: Path) -> None:
 
     assert load_error(path) == (
         f"{path}: [templates] path: folder not found: '{tmp_path / 'missing'}'"
+    )
+
+
+# -- [approval] and [reset] -----------------------------------------------------------------
+
+GOOD_SECRET = "0123456789abcdef" * 2  # exactly the 32 characters required
+SECRET_MESSAGE = (
+    "the webhook needs a secret of at least 32 characters (set MAILPROC_RESET_WEBHOOK_SECRET, "
+    "for example to the output of: openssl rand -hex 32)"
+)
+RESET_SQL = "UPDATE accounts SET security_question = NULL WHERE id = :account_id"
+ACCOUNTS_URL = "sqlite:///accounts.db"
+
+
+def test_approval_and_reset_defaults() -> None:
+    settings = load_settings(None, env={})
+
+    assert settings.approval.four_eyes_for_flagged is True
+    assert settings.reset.method == "manual"
+    assert (settings.reset.webhook_url, settings.reset.webhook_secret, settings.reset.sql) == (
+        "",
+        "",
+        "",
+    )
+    assert settings.reset.lease_seconds >= 4 * settings.reset.timeout_seconds
+
+
+def test_four_eyes_can_be_turned_off_in_the_file_or_the_environment(write) -> None:
+    path = write("[approval]\nfour_eyes_for_flagged = false\n")
+
+    assert load_settings(path, env={}).approval.four_eyes_for_flagged is False
+    env = {"MAILPROC_APPROVAL_FOUR_EYES_FOR_FLAGGED": "false"}
+    assert load_settings(None, env=env).approval.four_eyes_for_flagged is False
+    bad = write('[approval]\nfour_eyes_for_flagged = "no"\n', name="bad.toml")
+    assert load_error(bad) == (
+        f"{bad}: [approval] four_eyes_for_flagged: expected true or false, got string"
+    )
+
+
+def test_a_complete_webhook_configuration_is_accepted(write) -> None:
+    path = write(
+        "[reset]\n"
+        'method = "webhook"\n'
+        'webhook_url = "https://app.example.com/hooks/reset"\n'
+        f'webhook_secret = "{GOOD_SECRET}"\n'
+        "timeout_seconds = 5\n"
+        "lease_seconds = 20\n"  # exactly 4 x timeout_seconds
+        "max_attempts = 3\n"
+    )
+
+    settings = load_settings(path, env={})
+
+    reset = settings.reset
+    assert (reset.method, reset.webhook_url, reset.webhook_secret) == (
+        "webhook",
+        "https://app.example.com/hooks/reset",
+        GOOD_SECRET,
+    )
+    assert (reset.timeout_seconds, reset.lease_seconds, reset.max_attempts) == (5.0, 20.0, 3)
+    assert settings.warnings == ()
+
+
+def test_a_complete_sql_configuration_is_accepted(write) -> None:
+    path = write(
+        f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\nsql = "{RESET_SQL}"\n'
+    )
+
+    reset = load_settings(path, env={}).reset
+
+    assert (reset.method, reset.sql) == ("sql", RESET_SQL)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            f'[reset]\nmethod = "webhook"\nwebhook_secret = "{GOOD_SECRET}"\n',
+            '[reset] method: "webhook" needs webhook_url',
+            id="webhook-without-url",
+        ),
+        pytest.param(
+            '[reset]\nmethod = "webhook"\nwebhook_url = "https://app.example.com/reset"\n',
+            f"[reset] webhook_secret: {SECRET_MESSAGE}",
+            id="webhook-without-secret",
+        ),
+        pytest.param(
+            '[reset]\nmethod = "webhook"\nwebhook_url = "https://app.example.com/reset"\n'
+            f'webhook_secret = "{GOOD_SECRET[:-1]}"\n',
+            f"[reset] webhook_secret: {SECRET_MESSAGE}",
+            id="webhook-secret-one-short",
+        ),
+        pytest.param(
+            '[reset]\nmethod = "webhook"\nwebhook_url = "ftp://app.example.com/reset"\n'
+            f'webhook_secret = "{GOOD_SECRET}"\n',
+            "[reset] webhook_url: expected an http(s) URL, got 'ftp://app.example.com/reset'",
+            id="webhook-url-not-http",
+        ),
+        pytest.param(
+            f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\n',
+            '[reset] method: "sql" needs sql, one statement with the parameter :account_id '
+            "(see config.example.toml)",
+            id="sql-without-sql",
+        ),
+        pytest.param(
+            f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\nsql = "  \\n "\n',
+            '[reset] method: "sql" needs sql, one statement with the parameter :account_id '
+            "(see config.example.toml)",
+            id="sql-blank",
+        ),
+        pytest.param(
+            f'[reset]\nmethod = "sql"\nsql = "{RESET_SQL}"\n',
+            '[reset] method: "sql" runs against the accounts database: set [accounts] url',
+            id="sql-without-accounts-url",
+        ),
+        pytest.param(
+            f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\n'
+            'sql = "UPDATE accounts SET security_question = NULL WHERE email = :email"\n',
+            "[reset] sql: must use the parameter :account_id",
+            id="sql-other-parameter-only",
+        ),
+        pytest.param(
+            f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\n'
+            'sql = "UPDATE accounts SET security_question = NULL"\n',
+            "[reset] sql: must use the parameter :account_id",
+            id="sql-no-parameter",
+        ),
+        pytest.param(
+            f'[accounts]\nurl = "{ACCOUNTS_URL}"\n[reset]\nmethod = "sql"\n'
+            'sql = "UPDATE accounts SET security_question = NULL '
+            'WHERE id = :account_id AND email = :email"\n',
+            "[reset] sql: may use only :account_id, not email",
+            id="sql-extra-parameter",
+        ),
+        pytest.param(
+            "[reset]\ntimeout_seconds = 20\nlease_seconds = 79.9\n",
+            "[reset] lease_seconds: must be at least 4 times timeout_seconds (20), so that no "
+            "reset still running is taken over and run twice",
+            id="lease-below-4x-timeout",
+        ),
+        pytest.param(
+            "[reset]\ntimeout_seconds = 30\n",  # the default lease (60) is now too short
+            "[reset] lease_seconds: must be at least 4 times timeout_seconds (30), so that no "
+            "reset still running is taken over and run twice",
+            id="default-lease-below-4x-timeout",
+        ),
+        pytest.param(
+            '[reset]\nmethod = "ldap"\n',
+            "[reset] method: must be one of 'manual', 'webhook', 'sql', got 'ldap'",
+            id="unknown-method",
+        ),
+        pytest.param(
+            '[reset]\nmethod = "Webhook"\n',
+            "[reset] method: must be one of 'manual', 'webhook', 'sql', got 'Webhook'",
+            id="method-case",
+        ),
+        pytest.param(
+            "[reset]\nmax_attempts = 0\n",
+            "[reset] max_attempts: must be greater than 0, got 0",
+            id="zero-attempts",
+        ),
+    ],
+)
+def test_reset_error_names_file_and_key_in_one_line(write, text: str, expected: str) -> None:
+    path = write(text)
+
+    # load_error asserts the message is exactly one line.
+    assert load_error(path) == f"{path}: {expected}"
+
+
+def test_short_webhook_secret_is_not_repeated_in_the_error(write) -> None:
+    secret = "hunter2-but-longer"
+    path = write(
+        '[reset]\nmethod = "webhook"\nwebhook_url = "https://app.example.com/reset"\n'
+        f'webhook_secret = "{secret}"\n'
+    )
+
+    message = load_error(path)
+
+    assert message.startswith(f"{path}: [reset] webhook_secret: "), message
+    assert secret not in message
+
+
+def test_webhook_secret_from_the_environment_satisfies_the_webhook(write) -> None:
+    path = write('[reset]\nmethod = "webhook"\nwebhook_url = "https://app.example.com/reset"\n')
+
+    settings = load_settings(path, env={"MAILPROC_RESET_WEBHOOK_SECRET": GOOD_SECRET})
+
+    assert settings.reset.webhook_secret == GOOD_SECRET
+    assert settings.where("reset", "webhook_secret") == "environment MAILPROC_RESET_WEBHOOK_SECRET"
+
+
+def test_too_short_webhook_secret_from_the_environment_names_the_variable(write) -> None:
+    # The file's secret is long enough, but the variable overrides it.
+    path = write(
+        '[reset]\nmethod = "webhook"\nwebhook_url = "https://app.example.com/reset"\n'
+        f'webhook_secret = "{GOOD_SECRET}"\n'
+    )
+
+    message = load_error(path, env={"MAILPROC_RESET_WEBHOOK_SECRET": GOOD_SECRET[:-1]})
+
+    assert message == f"environment MAILPROC_RESET_WEBHOOK_SECRET: {SECRET_MESSAGE}"
+    assert GOOD_SECRET[:-1] not in message
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param(
+            {"MAILPROC_RESET_METHOD": "ldap"},
+            "environment MAILPROC_RESET_METHOD: must be one of 'manual', 'webhook', 'sql', "
+            "got 'ldap'",
+            id="method",
+        ),
+        pytest.param(
+            {"MAILPROC_RESET_METHOD": "webhook"},
+            'environment MAILPROC_RESET_METHOD: "webhook" needs webhook_url',
+            id="method-webhook-without-url",
+        ),
+        pytest.param(
+            {
+                "MAILPROC_RESET_METHOD": "sql",
+                "MAILPROC_ACCOUNTS_URL": ACCOUNTS_URL,
+                "MAILPROC_RESET_SQL": "DELETE FROM accounts WHERE email = :email",
+            },
+            "environment MAILPROC_RESET_SQL: must use the parameter :account_id",
+            id="sql",
+        ),
+        pytest.param(
+            {"MAILPROC_RESET_LEASE_SECONDS": "39"},
+            "environment MAILPROC_RESET_LEASE_SECONDS: must be at least 4 times timeout_seconds "
+            "(10), so that no reset still running is taken over and run twice",
+            id="lease",
+        ),
+    ],
+)
+def test_reset_error_from_the_environment_names_the_variable(
+    write, env: dict[str, str], expected: str
+) -> None:
+    assert load_error(write(""), env=env) == expected
+
+
+def test_lease_of_exactly_4x_timeout_is_accepted(write) -> None:
+    path = write("[reset]\ntimeout_seconds = 20\nlease_seconds = 80\n")
+
+    assert load_settings(path, env={}).reset.lease_seconds == 80.0
+
+
+def webhook_settings(write, url: str, method: str = "webhook") -> Settings:
+    path = write(
+        f'[reset]\nmethod = "{method}"\nwebhook_url = "{url}"\nwebhook_secret = "{GOOD_SECRET}"\n'
+    )
+    return load_settings(path, env={})
+
+
+def test_plain_http_webhook_to_another_host_is_a_warning(write) -> None:
+    url = "http://app.internal:8080/hooks/reset"
+
+    settings = webhook_settings(write, url)
+
+    assert settings.reset.webhook_url == url  # a warning, not an error
+    [warning] = settings.warnings
+    assert warning.startswith(f"{settings.source}: [reset] webhook_url: {url} is plain http: ")
+    assert "unencrypted" in warning
+    assert len(warning.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8080/hooks/reset",
+        "http://localhost/hooks/reset",
+        "http://[::1]:8080/hooks/reset",
+        "https://app.example.com/hooks/reset",
+        "https://127.0.0.1/hooks/reset",
+    ],
+)
+def test_no_warning_for_a_loopback_or_https_webhook(write, url: str) -> None:
+    assert webhook_settings(write, url).warnings == ()
+
+
+def test_a_postgresql_cast_on_the_parameter_gets_a_hint(write) -> None:
+    path = write(
+        '[accounts]\nurl = "sqlite:///accounts.db"\n[reset]\nmethod = "sql"\n'
+        'sql = "UPDATE accounts SET q = NULL WHERE id = :account_id::bigint"\n'
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path, env={})
+    assert str(raised.value) == (
+        f"{path}: [reset] sql: a parameter followed by :: is not bound; write "
+        "CAST(:account_id AS bigint) instead of :account_id::bigint"
+    )
+
+
+def test_no_http_warning_when_the_webhook_is_not_the_method(write) -> None:
+    settings = webhook_settings(write, "http://app.internal/hooks/reset", method="manual")
+
+    assert settings.warnings == ()
+
+
+def test_cli_config_check_prints_the_plain_http_warning(write, runner) -> None:
+    path = write(
+        '[reset]\nmethod = "webhook"\nwebhook_url = "http://app.internal/reset"\n'
+        f'webhook_secret = "{GOOD_SECRET}"\n'
+    )
+
+    result = runner.invoke(main, ["--config", str(path), "config", "check"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"configuration OK ({path})\n"
+    assert result.stderr.startswith(
+        f"Warning: {path}: [reset] webhook_url: http://app.internal/reset is plain http: "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_cli_config_check_with_a_bad_reset_exits_78_in_one_line(write, runner) -> None:
+    path = write('[reset]\nmethod = "sql"\n', name="bad.toml")
+
+    result = runner.invoke(main, ["--config", str(path), "config", "check"])
+
+    assert result.exit_code == EX_CONFIG
+    assert result.stdout == ""
+    assert result.stderr == (
+        f'Error: {path}: [reset] method: "sql" needs sql, one statement with the parameter '
+        ":account_id (see config.example.toml)\n"
     )

@@ -190,6 +190,21 @@ def test_four_eyes_one_agent_cannot_approve_a_flagged_request_alone_nor_twice(
     assert detail.execution.state == ExecutionState.PENDING
     assert detail.execution.payload["approved_by"] == ["alice", "bob"]
     assert [a for _, a, _ in actions(database, request_id)][-2:] == ["vote", "approved"]
+    # The vote of an agent disabled since does not count: two active agents are needed.
+    third = request(
+        database,
+        database_url,
+        flags=["first_contact"],
+        account=Account("44", "carol@example.org", None, None),
+    )
+    decisions.approve(third, "alice", "checked")
+    agents.disable("alice")
+    outcome = decisions.approve(third, "bob", "checked too")
+    assert outcome.request.state == RequestState.PENDING
+    assert "second, different agent" in outcome.summary
+    agents.add("carol", PASSWORD)
+    assert decisions.approve(third, "carol", "checked").request.state == RequestState.APPROVED
+    assert RequestService(database).get(third).request.decided_by == "bob,carol"
     # With four-eyes off, one approval is enough even for a flagged request.
     solo = service(database, database_url, approval={"four_eyes_for_flagged": False})
     other = request(
@@ -198,7 +213,7 @@ def test_four_eyes_one_agent_cannot_approve_a_flagged_request_alone_nor_twice(
         flags=["weak_authentication"],
         account=Account("43", "bob@example.net", None, None),
     )
-    assert solo.approve(other, "alice", "verified").request.state == RequestState.APPROVED
+    assert solo.approve(other, "bob", "verified").request.state == RequestState.APPROVED
 
 
 def test_who_may_decide(database: db.Database, database_url: str, agents: AgentService) -> None:
