@@ -268,9 +268,14 @@ class ResetExecutor:
     async def execute(self, job: Job) -> str:
         """One attempt; returns what the application answered, or raises Temporary- or
         PermanentFailure."""
+        # Approved under an earlier configuration, say: the method must still be set up.
         if job.method == "webhook":
+            if not self.reset.webhook_url or not self.reset.webhook_secret:
+                raise TemporaryFailure("[reset] webhook_url and webhook_secret are not set")
             return await self._webhook(job)
         if job.method == "sql":
+            if not self.reset.sql or not self.settings.accounts.url:
+                raise TemporaryFailure("[reset] sql and [accounts] url are not set")
             return await asyncio.to_thread(self._sql, job)
         raise PermanentFailure(f"unknown reset method {job.method!r}")
 

@@ -55,6 +55,7 @@ class App:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self._delivering = asyncio.Lock()
         self._executing = asyncio.Lock()
+        self._expiring = asyncio.Lock()
         self._stopping = False
 
     async def start(self) -> None:
@@ -97,6 +98,16 @@ class App:
             coalesce=True,
             misfire_grace_time=None,
         )
+        self.scheduler.add_job(
+            self.expire_requests,
+            "interval",
+            seconds=self.settings.queue.expire_check_seconds,
+            next_run_time=datetime.now(UTC),
+            id="expire",
+            max_instances=2,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         self.scheduler.start()
         log.info(
             "mailproc %s listening on %s:%d (database %s)",
@@ -118,7 +129,7 @@ class App:
         self._stopping = True
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        async with self._delivering, self._executing:
+        async with self._delivering, self._executing, self._expiring:
             pass  # the attempts in hand are finished and recorded
         self.executor.close()
         self.database.dispose()
@@ -144,6 +155,19 @@ class App:
                 await self.executor.run_once(stop=lambda: self._stopping)
             except Exception:
                 log.exception("carrying out resets failed; trying again at the next run")
+
+    async def expire_requests(self) -> None:
+        """The scheduler's expiry job: pending requests past their expiry become expired."""
+        if self._stopping or self._expiring.locked():
+            return
+        async with self._expiring:
+            try:
+                expired = await asyncio.to_thread(self.executor.decisions.expire_due)
+            except Exception:
+                log.exception("expiring requests failed; trying again at the next run")
+                return
+        if expired:
+            log.info("%d pending request(s) expired", expired)
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()

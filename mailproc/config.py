@@ -356,6 +356,7 @@ class ModeSettings:
 class QueueSettings:
     expire_after_days: float = _key(7.0, _positive_float, "float")
     owner_notices_per_day: int = _key(1, _positive_int, "int")
+    expire_check_seconds: float = _key(60.0, _positive_float, "float")
 
 
 @dataclass(frozen=True)

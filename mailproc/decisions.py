@@ -5,7 +5,7 @@ is one transaction with its audit event and the owner's reply."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, select
@@ -27,7 +27,7 @@ from mailproc.models import (
     utcnow,
 )
 from mailproc.outbox import Outbox, Source
-from mailproc.requests import audit
+from mailproc.requests import SYSTEM, audit
 
 NOTE_MAX_LENGTH = 2000
 
@@ -271,6 +271,19 @@ class DecisionService:
             )
             return Outcome(request, "cancelled; the owner is told")
 
+    def cancel_by_owner(
+        self, request_id: int, reason: str = "the owner says they did not ask for it"
+    ) -> Outcome:
+        """The account owner's cancel (the "this wasn't me" link): closes the request without
+        a reset, unless its reset is running."""
+        now = utcnow()
+        with self.db.writing() as session:
+            request = self._request(session, request_id)
+            self._cancel(
+                session, request, actor="owner", reason=reason, cancelled_by="owner", now=now
+            )
+            return Outcome(request, "cancelled by the owner")
+
     def _cancel(
         self,
         session: Session,
@@ -424,3 +437,36 @@ class DecisionService:
             reason=reason,
             details=details,
         )
+
+    # -- what the scheduler does -------------------------------------------------------------
+
+    def expire_due(self, limit: int = 100) -> int:
+        """Expire pending requests past their expiry, each with its audit event and the
+        owner's reply; returns how many. Safe on several instances at once (``SKIP LOCKED``)."""
+        now = utcnow()
+        expired = 0
+        with self.db.writing() as session:
+            due = session.scalars(
+                select(ResetRequest)
+                .where(
+                    ResetRequest.state == RequestState.PENDING,
+                    ResetRequest.expires_at <= now,
+                )
+                .order_by(ResetRequest.expires_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for request in due:
+                days = round((request.expires_at - request.created_at) / timedelta(days=1))
+                self._close(
+                    session,
+                    request,
+                    RequestState.EXPIRED,
+                    actor=SYSTEM,
+                    action="expired",
+                    reason=f"no decision within {days} days",
+                    now=now,
+                )
+                self._reply(session, request, "request_expired", expire_days=days)
+                expired += 1
+        return expired

@@ -16,8 +16,8 @@ def setup_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # aiosmtpd logs every command at INFO, APScheduler every run of every job: debugging
-    # detail for us (a job's own outcome is logged by the job).
+    # aiosmtpd logs every command at INFO, APScheduler every run of every job and httpx every
+    # request: debugging detail for us (a job's own outcome is logged by the job).
     quiet = max(logging.WARNING, logging.getLevelName(level.upper()))
-    for name in ("mail.log", "apscheduler"):
+    for name in ("mail.log", "apscheduler", "httpx", "httpcore"):
         logging.getLogger(name).setLevel(quiet)

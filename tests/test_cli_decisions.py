@@ -435,7 +435,12 @@ def app_db(tmp_path: Path) -> str:
 
 
 def test_a_failed_sql_reset_is_retried_by_an_admin(
-    config: Path, database: db.Database, database_url: str, tmp_path: Path, app_db: str
+    config: Path,
+    database: db.Database,
+    database_url: str,
+    tmp_path: Path,
+    app_db: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     sql_config = write_config(
         tmp_path / "sql.toml",
@@ -448,6 +453,7 @@ def test_a_failed_sql_reset_is_retried_by_an_admin(
     )
     settings = load_settings(sql_config, env={})
     executor = ResetExecutor(settings, database, "cli-test")
+    request.addfinalizer(executor.close)
     add_agents(sql_config, "alice", "root", admin=("root",))
     request_id = open_request(database, database_url, account=NOBODY)  # not in the app's db
 

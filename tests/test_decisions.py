@@ -5,14 +5,16 @@ receivers; and the audit events and replies each one writes."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import email
+import email.policy
 from collections.abc import Iterator
 from datetime import timedelta
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, text, update
 
 from mailproc import db
 from mailproc.accounts import Account
@@ -93,6 +95,14 @@ def actions(database: db.Database, request_id: int) -> list[tuple[str, str, str 
 def replies(database: db.Database, template: str) -> list[OutboxEntry]:
     with database.reading() as session:
         return list(session.scalars(select(OutboxEntry).where(OutboxEntry.template == template)))
+
+
+def text_of(entry: OutboxEntry) -> str:
+    parsed = email.message_from_bytes(entry.content, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    part = parsed.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
 
 
 # -- agents ---------------------------------------------------------------------------------
@@ -247,7 +257,7 @@ def test_deny_tells_the_owner_why_and_cancel_closes_without_a_reset(
     [reply] = replies(database, "request_denied")
     assert reply.recipient == ALICE.email
     assert reply.locale == "de"
-    assert b"We could not reach you on the number on file." in reply.content
+    assert "We could not reach you on the number on file." in text_of(reply)
     assert actions(database, denied)[-1] == ("alice", "denied", "denied")
 
     cancelled = request(database, database_url)  # the account's next request
@@ -260,6 +270,14 @@ def test_deny_tells_the_owner_why_and_cancel_closes_without_a_reset(
     assert len(replies(database, "request_cancelled")) == 1
     with pytest.raises(InvalidState, match="is cancelled; only an approved request can be"):
         decisions.complete(cancelled, "alice")
+
+    by_owner = request(database, database_url)
+    assert decisions.cancel_by_owner(by_owner).request.state == RequestState.CANCELLED
+    assert actions(database, by_owner)[-1] == ("owner", "cancelled", "cancelled")
+    owner_reply = replies(database, "request_cancelled")[-1]
+    assert "auf Ihren Wunsch" in text_of(owner_reply)  # Alice reads German
+    with pytest.raises(InvalidState, match="cannot be decided again"):
+        decisions.cancel_by_owner(by_owner)
 
 
 def test_a_running_reset_cannot_be_cancelled_and_an_expired_request_not_approved(
@@ -421,27 +439,35 @@ def test_a_forged_or_stale_signature_is_refused_by_the_readme_verifier(receiver:
 
 
 @pytest.fixture
-def app_db(tmp_path: Path) -> str:
-    """The company's accounts database, with the column a reset clears."""
-    path = tmp_path / "app.db"
-    with sqlite3.connect(path) as connection:
+def app_db(tmp_path: Path, database_url: str) -> str:
+    """The company's accounts database, with the column a reset clears: a SQLite file, or on
+    PostgreSQL a table beside mailproc's own (the same server, as often in production)."""
+    url = f"sqlite:///{tmp_path / 'app.db'}" if database_url.startswith("sqlite") else database_url
+    engine = create_engine(url)
+    with engine.begin() as connection:
         connection.execute(
-            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT, security_question TEXT)"
+            text(
+                "CREATE TABLE accounts (id INTEGER PRIMARY KEY, email TEXT, security_question TEXT)"
+            )
         )
-        connection.executemany(
-            "INSERT INTO accounts VALUES (?, ?, ?)",
-            [(42, "alice@example.org", "first pet?"), (43, "bob@example.net", "first car?")],
+        connection.execute(
+            text(
+                "INSERT INTO accounts VALUES (42, 'alice@example.org', 'first pet?'), "
+                "(43, 'bob@example.net', 'first car?')"
+            )
         )
-    connection.close()
-    return f"sqlite:///{path}"
+    engine.dispose()
+    return url
 
 
 def questions(app_db: str) -> dict[int, str | None]:
-    connection = sqlite3.connect(app_db.removeprefix("sqlite:///"))
+    engine = create_engine(app_db)
     try:
-        return dict(connection.execute("SELECT id, security_question FROM accounts"))
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT id, security_question FROM accounts"))
+            return {row.id: row.security_question for row in rows}
     finally:
-        connection.close()
+        engine.dispose()
 
 
 def test_sql_reset_updates_exactly_one_row_or_fails_with_the_reason(
@@ -456,6 +482,19 @@ def test_sql_reset_updates_exactly_one_row_or_fails_with_the_reason(
     }
     decisions = service(database, database_url, **sections)
     executor = executor_for(database, database_url, **sections)
+    try:
+        sql_reset(database, database_url, decisions, executor, app_db)
+    finally:
+        executor.close()
+
+
+def sql_reset(
+    database: db.Database,
+    database_url: str,
+    decisions: DecisionService,
+    executor: ResetExecutor,
+    app_db: str,
+) -> None:
     ok = request(database, database_url)
     decisions.approve(ok, "alice", "verified")
     assert run(executor) == 1
@@ -497,3 +536,34 @@ def test_a_claim_held_by_a_dead_instance_is_taken_over_after_its_lease(
         execution = session.scalars(select(ResetExecution)).one()
         assert (execution.state, execution.attempts) == (ExecutionState.SUCCEEDED, 2)
         assert session.scalars(select(ResetRequest.state)).one() == RequestState.COMPLETED
+
+
+def test_pending_requests_past_their_expiry_expire_with_the_owners_reply(
+    database: db.Database, database_url: str, agents: AgentService
+) -> None:
+    decisions = service(database, database_url)
+    stale = request(database, database_url, expire_after=timedelta(seconds=-1))
+    fresh = request(database, database_url, account=Account("43", "bob@example.net", None, None))
+    approved = request(
+        database, database_url, account=Account("44", "carol@example.org", None, None)
+    )
+    decisions.approve(approved, "alice", "verified")  # approved, waiting to be done by hand
+    with database.writing() as session:
+        session.execute(
+            update(ResetRequest)
+            .where(ResetRequest.id == approved)
+            .values(expires_at=utcnow() - timedelta(days=1))
+        )
+    assert decisions.expire_due() == 1
+    assert decisions.expire_due() == 0
+    states = {r.id: r.state for r in RequestService(database).list()}
+    assert states == {
+        stale: RequestState.EXPIRED,
+        fresh: RequestState.PENDING,
+        approved: RequestState.APPROVED,
+    }
+    assert actions(database, stale)[-1] == ("mailproc", "expired", "expired")
+    [reply] = replies(database, "request_expired")
+    assert reply.recipient == ALICE.email
+    with pytest.raises(InvalidState, match="is expired by mailproc"):
+        decisions.approve(stale, "alice", "verified")

@@ -260,3 +260,26 @@ def test_a_receiver_failing_several_times_then_succeeding_still_yields_one_reset
     assert events[-1] == "completed"
     assert "failed" in events
     assert "retry" in events
+
+
+def test_serve_expires_an_undecided_request_and_tells_the_owner(
+    database_url: str, accounts_url: str, key: DkimKey, relay: Relay, receiver: Receiver
+) -> None:
+    flow = flow_sections(accounts_url, relay, receiver)
+    flow["queue"] = {"expire_after_days": 2 / 86400, "expire_check_seconds": 0.2}
+    with AppThread.running(database_url, **flow) as app:
+        processed(app, stored_id(send_raw(app.port, signed(key), ALICE)))
+        [request] = requests(app)
+        wait_for(
+            lambda: (
+                RequestService(app.app.database).get(request.id).request.state
+                == RequestState.EXPIRED
+            ),
+            timeout=20,
+        )
+        [_ack, expired] = deliver(app, relay, 2)
+        events = [e.action for e in RequestService(app.app.database).get(request.id).events]
+    assert str(expired["To"]) == ALICE
+    assert request.reference in body(expired)
+    assert events[-1] == "expired"
+    assert receiver.calls == []
