@@ -3,20 +3,23 @@ never deleted (the audit log names them), only disabled, and a disabled agent de
 
 from __future__ import annotations
 
+import enum
+import hmac
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+import pyotp
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mailproc.db import Database
 from mailproc.errors import InvalidState, NotFound
-from mailproc.models import Agent, AgentRole, utcnow
+from mailproc.models import Agent, AgentRole, WebSession, utcnow
 from mailproc.requests import audit
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -68,14 +71,28 @@ class AgentInfo:
     role: AgentRole
     created_at: datetime
     disabled_at: datetime | None
+    mfa_enrolled: bool = False
+    locked_until: datetime | None = None
 
     @property
     def active(self) -> bool:
         return self.disabled_at is None
 
+    @property
+    def admin(self) -> bool:
+        return self.role == AgentRole.ADMIN
+
     @classmethod
     def of(cls, agent: Agent) -> AgentInfo:
-        return cls(agent.id, agent.name, agent.role, agent.created_at, agent.disabled_at)
+        return cls(
+            agent.id,
+            agent.name,
+            agent.role,
+            agent.created_at,
+            agent.disabled_at,
+            agent.totp_secret is not None,
+            agent.locked_until,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,6 +101,7 @@ class AgentInfo:
             "active": self.active,
             "created_at": self.created_at.isoformat(),
             "disabled_at": self.disabled_at.isoformat() if self.disabled_at else None,
+            "mfa_enrolled": self.mfa_enrolled,
         }
 
 
@@ -155,10 +173,15 @@ class AgentService:
             return AgentInfo.of(agent)
 
     def disable(self, name: str) -> AgentInfo:
+        """Disable an agent: their console sessions end and their API tokens stop working."""
+
         def change(agent: Agent, now: datetime) -> str:
             if agent.disabled_at is not None:
                 raise InvalidState(f"agent {name} is disabled already")
             agent.disabled_at = now
+            session = Session.object_session(agent)
+            assert session is not None
+            session.execute(delete(WebSession).where(WebSession.agent_id == agent.id))
             return name
 
         return self._change(name, "agent_disabled", change)
@@ -181,6 +204,23 @@ class AgentService:
 
         return self._change(name, "agent_password_set", change)
 
+    def reset_mfa(self, name: str) -> AgentInfo:
+        """Forget an agent's second factor (a lost phone): they enrol again at next sign-in.
+        Their sessions end, and a lockout is lifted."""
+
+        def change(agent: Agent, now: datetime) -> str:
+            agent.totp_secret = None
+            agent.mfa_enrolled_at = None
+            agent.totp_last_step = None
+            agent.failed_logins = 0
+            agent.locked_until = None
+            session = Session.object_session(agent)
+            assert session is not None
+            session.execute(delete(WebSession).where(WebSession.agent_id == agent.id))
+            return name
+
+        return self._change(name, "agent_mfa_reset", change)
+
     def authenticate(self, name: str, password: str) -> AgentInfo | None:
         """The active agent with this name and password, or None. Takes about as long for an
         unknown name as for a wrong password; upgrades the hash when its parameters are old."""
@@ -199,3 +239,131 @@ class AgentService:
                 if fresh is not None and fresh.password_hash == stored:
                     fresh.password_hash = _hasher.hash(password)
         return info
+
+
+# -- signing in to the console ----------------------------------------------------------------
+
+TOTP_DIGITS = 6
+TOTP_PERIOD = 30
+# Codes from the step before and after the current one are accepted (clock drift).
+TOTP_WINDOW = 1
+LOCKOUT_MAX = timedelta(days=1)
+
+
+class SignIn(enum.Enum):
+    BAD = "bad"  # unknown name, wrong password or code, or disabled
+    LOCKED = "locked"  # too many failures: wait
+    ENROL = "enrol"  # the password is right; the agent must set up a second factor
+    CODE = "code"  # the password is right; the agent must give a code
+
+
+@dataclass(frozen=True)
+class SignInResult:
+    outcome: SignIn
+    agent: AgentInfo | None = None
+    locked_until: datetime | None = None
+
+
+def new_totp_secret() -> str:
+    return pyotp.random_base32()
+
+
+def totp_uri(secret: str, name: str, issuer: str) -> str:
+    return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_PERIOD).provisioning_uri(
+        name=name, issuer_name=issuer
+    )
+
+
+def _matching_step(secret: str, code: str, at: datetime) -> int | None:
+    """The time step whose code ``code`` is (within the window), or None."""
+    code = code.strip().replace(" ", "")
+    if not (code.isdigit() and len(code) == TOTP_DIGITS):
+        return None
+    totp = pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_PERIOD)
+    now_step = totp.timecode(at)
+    for step in range(now_step - TOTP_WINDOW, now_step + TOTP_WINDOW + 1):
+        if hmac.compare_digest(totp.generate_otp(step), code):
+            return step
+    return None
+
+
+class SignInService:
+    """Password, then a TOTP code, with a lockout that doubles after repeated failures."""
+
+    def __init__(self, database: Database, attempts: int, lockout: timedelta) -> None:
+        self.db = database
+        self.attempts = attempts
+        self.lockout = lockout
+
+    def _locked(self, agent: Agent, now: datetime) -> bool:
+        return agent.locked_until is not None and agent.locked_until > now
+
+    def _failed(self, agent: Agent, now: datetime) -> SignInResult:
+        agent.failed_logins += 1
+        over = agent.failed_logins - self.attempts
+        if over >= 0:
+            agent.locked_until = now + min(LOCKOUT_MAX, self.lockout * 2 ** min(over, 20))
+            audit(
+                self._connection(agent),
+                None,
+                action="agent_locked_out",
+                at=now,
+                reason=f"{agent.name}: {agent.failed_logins} failed sign-ins",
+            )
+            return SignInResult(SignIn.LOCKED, locked_until=agent.locked_until)
+        return SignInResult(SignIn.BAD)
+
+    @staticmethod
+    def _connection(agent: Agent) -> Any:
+        session = Session.object_session(agent)
+        assert session is not None
+        return session.connection()
+
+    def password(self, name: str, password: str) -> SignInResult:
+        now = utcnow()
+        with self.db.writing() as session:
+            agent = session.scalars(
+                select(Agent).where(Agent.name == name).with_for_update()
+            ).first()
+            if agent is None:
+                password_matches(_DUMMY_HASH, password)  # as long as for a real name
+                return SignInResult(SignIn.BAD)
+            if self._locked(agent, now):
+                return SignInResult(SignIn.LOCKED, locked_until=agent.locked_until)
+            if not password_matches(agent.password_hash, password) or agent.disabled_at:
+                return self._failed(agent, now)
+            info = AgentInfo.of(agent)
+            if agent.totp_secret is None:
+                return SignInResult(SignIn.ENROL, info)
+            return SignInResult(SignIn.CODE, info)
+
+    def code(self, agent_id: int, code: str, secret: str | None = None) -> SignInResult:
+        """Check a TOTP code: against the agent's enrolled secret, or (at enrolment) against
+        ``secret``, which is then enrolled. A code is never accepted twice."""
+        now = utcnow()
+        with self.db.writing() as session:
+            agent = session.get(Agent, agent_id, with_for_update=True)
+            if agent is None or agent.disabled_at is not None:
+                return SignInResult(SignIn.BAD)
+            if self._locked(agent, now):
+                return SignInResult(SignIn.LOCKED, locked_until=agent.locked_until)
+            enrolling = secret is not None and agent.totp_secret is None
+            key = secret if enrolling else agent.totp_secret
+            step = _matching_step(key, code, now) if key else None
+            if step is None or (agent.totp_last_step is not None and step <= agent.totp_last_step):
+                return self._failed(agent, now)
+            agent.totp_last_step = step
+            agent.failed_logins = 0
+            agent.locked_until = None
+            if enrolling:
+                agent.totp_secret = secret
+                agent.mfa_enrolled_at = now
+                audit(
+                    session.connection(),
+                    None,
+                    action="agent_mfa_enrolled",
+                    at=now,
+                    reason=agent.name,
+                )
+            agent.updated_at = now
+            return SignInResult(SignIn.CODE, AgentInfo.of(agent))

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from datetime import UTC, datetime
+from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -57,6 +58,8 @@ class App:
         self._executing = asyncio.Lock()
         self._expiring = asyncio.Lock()
         self._stopping = False
+        self.web: Any = None
+        self.web_port: int | None = None
 
     async def start(self) -> None:
         if self.settings.database.migrate_on_start:
@@ -74,6 +77,24 @@ class App:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ListenError(f"cannot listen on {listen}: {reason.lower()}") from exc
         self.smtp_port = self.server.sockets[0].getsockname()[1]
+        web = self.settings.web
+        if web.listen is not None:
+            from mailproc.web.app import create_app
+            from mailproc.web.server import WebServer
+
+            try:
+                self.web = WebServer.bind(
+                    create_app(self.settings, self.database), web.listen.host, web.listen.port
+                )
+            except OSError as exc:
+                self.server.close()
+                await self.intake.close()
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(
+                    f"cannot listen on {web.listen} ([web] listen): {reason.lower()}"
+                ) from exc
+            await self.web.start()
+            self.web_port = self.web.port
         if self.worker.count:
             self.worker.start()
         self.scheduler.add_job(
@@ -109,6 +130,8 @@ class App:
             misfire_grace_time=None,
         )
         self.scheduler.start()
+        if self.web_port is not None:
+            log.info("console on %s (listening on port %d)", web.base_url, self.web_port)
         log.info(
             "mailproc %s listening on %s:%d (database %s)",
             self.settings.smtp.protocol.upper(),
@@ -124,6 +147,8 @@ class App:
         if self.server is not None:
             self.server.close()
         await self.connections.drain(self.settings.smtp.shutdown_grace_seconds)
+        if self.web is not None:
+            await self.web.stop()  # answers under way are finished
         await self.intake.close()
         await self.worker.stop(self.settings.smtp.shutdown_grace_seconds)
         self._stopping = True

@@ -387,6 +387,19 @@ class OutboundSettings:
 
 
 @dataclass(frozen=True)
+class WebSettings:
+    listen: ListenAddress | None = _key(
+        ListenAddress("127.0.0.1", 8025), lambda v: _listen(v) if _str(v) else None, "str"
+    )
+    base_url: str = _key("http://127.0.0.1:8025", _url, "str")
+    secret_key: str = _key("", _str, "str")
+    session_idle_minutes: float = _key(30.0, _positive_float, "float")
+    session_max_hours: float = _key(12.0, _positive_float, "float")
+    login_attempts: int = _key(5, _positive_int, "int")
+    lockout_seconds: float = _key(60.0, _positive_float, "float")
+
+
+@dataclass(frozen=True)
 class ApprovalSettings:
     four_eyes_for_flagged: bool = _key(True, _bool, "bool")
 
@@ -421,6 +434,7 @@ class Settings:
     mode: ModeSettings = field(default_factory=ModeSettings)
     approval: ApprovalSettings = field(default_factory=ApprovalSettings)
     reset: ResetSettings = field(default_factory=ResetSettings)
+    web: WebSettings = field(default_factory=WebSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -542,6 +556,14 @@ def _cross_checks(settings: Settings) -> None:
             "is taken over and sent twice"
         )
     _check_reset(settings)
+    web = settings.web
+    if web.secret_key and len(web.secret_key) < WEBHOOK_SECRET_MIN_LENGTH:
+        raise ConfigError(
+            f"{settings.where('web', 'secret_key')}: at least {WEBHOOK_SECRET_MIN_LENGTH} "
+            "characters (or leave it empty: mailproc then keeps a generated key in its database)"
+        )
+    if web.base_url.rstrip("/") != web.base_url.rstrip("/").split("?")[0].split("#")[0]:
+        raise ConfigError(f"{settings.where('web', 'base_url')}: no query or fragment")
     if outbound.password and not outbound.username:
         raise ConfigError(f"{settings.where('outbound', 'password')}: needs username too")
     if smtp.tls_cert_file:

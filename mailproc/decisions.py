@@ -128,6 +128,8 @@ class DecisionService:
         request.decided_at = request.decided_at or now
         request.decided_by = request.decided_by or actor
         request.decision_note = reason
+        request.claimed_by = None
+        request.claimed_at = None
         audit(
             session.connection(),
             request.id,
@@ -254,6 +256,21 @@ class DecisionService:
             request.decided_by = agent.name
             self._reply(session, request, "request_denied", reason=reason)
             return Outcome(request, "denied; the owner is told why")
+
+    def deny_many(
+        self, request_ids: list[int], agent_name: str, reason: str
+    ) -> tuple[list[Outcome], dict[int, str]]:
+        """Deny several pending requests (obvious abuse), each on its own with its reply;
+        returns the outcomes and, per request that could not be denied, why."""
+        _text(reason, "a reason (it is sent to the owner)")
+        done: list[Outcome] = []
+        refused: dict[int, str] = {}
+        for request_id in dict.fromkeys(request_ids):
+            try:
+                done.append(self.deny(request_id, agent_name, reason))
+            except (InvalidState, NotFound) as exc:
+                refused[request_id] = str(exc)
+        return done, refused
 
     def cancel(self, request_id: int, agent_name: str, reason: str | None = None) -> Outcome:
         """Close a request without a reset (an admin's decision), while nothing is running."""

@@ -261,6 +261,9 @@ class ResetRequest(Base):
     decided_by: Mapped[str | None] = mapped_column(String(300))
     decision_note: Mapped[str | None] = mapped_column(Text)
     completed_at: Mapped[datetime | None]
+    # The agent working on it now (the console's claim), so that two do not.
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_reset_request_state_created_at", "state", "created_at"),
@@ -361,6 +364,14 @@ class Agent(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     disabled_at: Mapped[datetime | None]
+    # The console's second factor (RFC 6238 TOTP): the shared secret once enrolled, and the
+    # last time step accepted, so that no code is accepted twice.
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    mfa_enrolled_at: Mapped[datetime | None]
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    # Failed sign-ins in a row, and until when the agent is locked out.
+    failed_logins: Mapped[int] = mapped_column(default=0, server_default="0")
+    locked_until: Mapped[datetime | None]
 
 
 class ApprovalVote(Base):
@@ -423,3 +434,45 @@ class ResetExecution(Base):
     __table_args__ = (
         Index("ix_reset_execution_state_next_attempt_at", "state", "next_attempt_at"),
     )
+
+
+class WebSession(Base):
+    """A signed-in console session. The cookie holds a random token; only its SHA-256 is
+    stored. ``mfa_passed`` is false between the password and the second factor."""
+
+    __tablename__ = "web_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_id: Mapped[int] = mapped_column(BigID, ForeignKey("agent.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    mfa_passed: Mapped[bool] = mapped_column(default=False)
+    # A TOTP secret offered at enrolment, until the agent confirms it with a code.
+    pending_totp: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class ApiToken(Base):
+    """A bearer token for the JSON API, acting as one agent. Only its SHA-256 is stored."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(BigID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    agent_id: Mapped[int] = mapped_column(BigID, ForeignKey("agent.id"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class StoredSecret(Base):
+    """A key mailproc generated for itself (the cancel links' signing key when
+    ``[web] secret_key`` is not set), shared by every instance on the database."""
+
+    __tablename__ = "stored_secret"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]

@@ -24,6 +24,8 @@ from mailproc.accounts import (
 )
 from mailproc.auth import Verdict
 from mailproc.config import Settings
+from mailproc.db import Database
+from mailproc.links import cancel_url, signing_key
 from mailproc.models import OutboxEntry, OutboxState
 from mailproc.outbox import Outbox, Source
 from mailproc.requests import audit, open_or_join, record_sighting, risk_flags
@@ -55,15 +57,20 @@ class Pipeline:
         self.helpdesk = settings.rules.helpdesk_address
         self.expire_after = timedelta(days=settings.queue.expire_after_days)
         self.owner_notices_per_day = settings.queue.owner_notices_per_day
+        # Signs the owner's cancel link in the acknowledgement (None: no console, no link).
+        self.link_key: bytes | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Pipeline:
-        return cls(
+    def from_settings(cls, settings: Settings, database: Database | None = None) -> Pipeline:
+        pipeline = cls(
             settings,
             directory_from_settings(settings.accounts),
             RuleSet.from_settings(settings.rules),
             Outbox.from_settings(settings),
         )
+        if database is not None and settings.web.listen is not None:
+            pipeline.link_key = signing_key(settings, database)
+        return pipeline
 
     # before the transaction -----------------------------------------------------------------
 
@@ -206,7 +213,16 @@ class Pipeline:
             context={
                 "reference": opened.reference,
                 "expire_days": round(self.expire_after / timedelta(days=1)),
-                "cancel_url": None,
+                "cancel_url": (
+                    cancel_url(
+                        self.settings.web.base_url,
+                        self.link_key,
+                        opened.request_id,
+                        opened.expires_at,
+                    )
+                    if self.link_key is not None
+                    else None
+                ),
                 "original_subject": evaluation.facts.subject or "",
             },
             source=source,

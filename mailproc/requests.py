@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import ColumnElement, Connection, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 
 from mailproc.accounts import Account
 from mailproc.db import Database
-from mailproc.errors import NotFound
+from mailproc.errors import InvalidState, NotFound
 from mailproc.models import (
     OPEN_REQUEST_STATES,
     Agent,
@@ -28,6 +28,7 @@ from mailproc.models import (
     ResetExecution,
     ResetRequest,
     Sighting,
+    utcnow,
 )
 
 # References are read out over the phone and typed by people: no 0/O, 1/I/L.
@@ -45,6 +46,7 @@ class Opened:
     request_id: int
     reference: str
     joined: bool  # True: the message joined a request that was already open
+    expires_at: datetime
 
 
 GENESIS = "0" * 64
@@ -239,7 +241,7 @@ def open_or_join(
     for _ in range(3):
         current = _open_request(connection, account.id)
         if current is not None:
-            request_id, reference = current
+            request_id, reference, expires_at = current
             _add_message(connection, request_id, message_id, now)
             audit(
                 connection,
@@ -249,7 +251,7 @@ def open_or_join(
                 reason="another verified request for the same account",
                 message_id=message_id,
             )
-            return Opened(request_id, reference, joined=True)
+            return Opened(request_id, reference, joined=True, expires_at=expires_at)
         reference = new_reference()
         try:
             with connection.begin_nested():
@@ -286,20 +288,20 @@ def open_or_join(
             details={"risk_flags": flags},
             message_id=message_id,
         )
-        return Opened(request_id, reference, joined=False)
+        return Opened(request_id, reference, joined=False, expires_at=now + expire_after)
     raise RuntimeError(f"could not open or join a request for account {account.id}")
 
 
-def _open_request(connection: Connection, account_id: str) -> tuple[int, str] | None:
+def _open_request(connection: Connection, account_id: str) -> tuple[int, str, datetime] | None:
     row = connection.execute(
-        select(ResetRequest.id, ResetRequest.reference)
+        select(ResetRequest.id, ResetRequest.reference, ResetRequest.expires_at)
         .where(
             ResetRequest.account_id == account_id,
             ResetRequest.state.in_(OPEN_REQUEST_STATES),
         )
         .with_for_update()
     ).one_or_none()
-    return (row.id, row.reference) if row is not None else None
+    return (row.id, row.reference, row.expires_at) if row is not None else None
 
 
 def _add_message(connection: Connection, request_id: int, message_id: int, now: datetime) -> None:
@@ -325,6 +327,14 @@ def record_sighting(
 
 
 # -- reading --------------------------------------------------------------------------------
+
+CLAIM_STALE = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    request: ResetRequest
+    votes: int
 
 
 @dataclass(frozen=True)
@@ -394,6 +404,85 @@ class RequestService:
             ).first()
             return RequestDetail(request, events, message_ids, votes, execution)
 
+    def queue(
+        self,
+        state: RequestState | None = None,
+        search: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[builtins.list[QueueRow], int]:
+        """Requests for the console's queue: open ones (or those in ``state``), oldest first,
+        optionally only those whose address or reference contains ``search``; with the
+        total count for paging."""
+        states = [state] if state is not None else list(OPEN_REQUEST_STATES)
+        where: builtins.list[ColumnElement[bool]] = [ResetRequest.state.in_(states)]
+        if search:
+            needle = search.strip().lower()
+            pattern = (
+                "%" + needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            )
+            where.append(
+                ResetRequest.email.like(pattern, escape="\\")
+                | (func.lower(ResetRequest.reference) == needle)
+                | (func.lower(ResetRequest.account_id) == needle)
+            )
+        votes = (
+            select(func.count())
+            .select_from(ApprovalVote)
+            .where(ApprovalVote.request_id == ResetRequest.id)
+            .scalar_subquery()
+        )
+        with self.db.reading() as session:
+            total = session.execute(
+                select(func.count()).select_from(ResetRequest).where(*where)
+            ).scalar_one()
+            rows = session.execute(
+                select(ResetRequest, votes)
+                .where(*where)
+                .order_by(ResetRequest.created_at, ResetRequest.id)
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            return [QueueRow(request, count) for request, count in rows], total
+
+    def history(self, account_id: str, exclude: int | None = None) -> builtins.list[ResetRequest]:
+        """The account's other requests, newest first."""
+        query = (
+            select(ResetRequest)
+            .where(ResetRequest.account_id == account_id)
+            .order_by(ResetRequest.id.desc())
+            .limit(50)
+        )
+        if exclude is not None:
+            query = query.where(ResetRequest.id != exclude)
+        with self.db.reading() as session:
+            return list(session.scalars(query))
+
+    def claim(self, request_id: int, agent: str, *, release: bool = False) -> ResetRequest:
+        """Mark an open request as being worked on by ``agent`` (or release the claim), so
+        that two agents do not verify the same owner at once. A claim older than an hour
+        is stale and may be taken over."""
+        now = utcnow()
+        with self.db.writing() as session:
+            request = session.get(ResetRequest, request_id, with_for_update=True)
+            if request is None:
+                raise NotFound(f"request {request_id} not found")
+            if release:
+                if request.claimed_by == agent:
+                    request.claimed_by = None
+                    request.claimed_at = None
+                return request
+            if request.state not in OPEN_REQUEST_STATES:
+                raise InvalidState(f"request {request_id} is {request.state.value}")
+            fresh = request.claimed_at is not None and now - request.claimed_at < CLAIM_STALE
+            if request.claimed_by not in (None, agent) and fresh:
+                raise InvalidState(
+                    f"request {request_id} is being worked on by {request.claimed_by}"
+                )
+            request.claimed_by = agent
+            request.claimed_at = now
+            return request
+
     def events(self, request_id: int | None = None, limit: int = 100) -> builtins.list[AuditEvent]:
         """The latest ``limit`` audit events (of one request), oldest first."""
         query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
@@ -427,6 +516,7 @@ def request_dict(request: ResetRequest) -> dict[str, Any]:
         "expires_at": request.expires_at.isoformat(),
         "decided_at": request.decided_at.isoformat() if request.decided_at else None,
         "decided_by": request.decided_by.split(",") if request.decided_by else [],
+        "claimed_by": request.claimed_by,
         "decision_note": request.decision_note,
         "completed_at": request.completed_at.isoformat() if request.completed_at else None,
     }

@@ -50,7 +50,9 @@ def work(
     until the parent process is gone."""
     # A lost verdict is re-derived (the claim's lease runs out); only intake must wait for disk.
     database = Database(settings.database.url, durable=False)
-    service = MessageService.from_settings(database, settings, Pipeline.from_settings(settings))
+    service = MessageService.from_settings(
+        database, settings, Pipeline.from_settings(settings, database)
+    )
     worker_id = new_worker_id()
     # Without a parent to wake us, look again at least every second for a parent that died.
     pause = min(settings.worker.poll_interval_seconds, 1.0)

@@ -52,6 +52,8 @@ def config_text(database_url: str, port: int = 0, **sections: dict[str, Any]) ->
         "database": {"url": database_url, **sections.pop("database", {})},
         "worker": {"poll_interval_seconds": 0.2, **sections.pop("worker", {})},
         "dns": {"nameservers": list(TEST_DNS), "timeout_seconds": 0.5, **sections.pop("dns", {})},
+        # The console on a free port, so that tests never collide on the default one.
+        "web": {"listen": "127.0.0.1:0", **sections.pop("web", {})},
         **sections,
     }
     lines = []

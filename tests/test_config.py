@@ -102,6 +102,7 @@ def test_example_config_sets_every_key_of_every_section() -> None:
         "mode",
         "approval",
         "reset",
+        "web",
     }
     assert set(data) == set(SECTIONS)
     for section, cls in SECTIONS.items():

@@ -1,0 +1,1 @@
+"""The agent console and JSON API, on the same services as the command line."""
