@@ -44,10 +44,11 @@ typecheck: $(DEV_STAMP)
 pytest: $(DEV_STAMP)
 	$(BIN)/pytest
 
-## bench: intake throughput against a bare aiosmtpd sink, verification against bare dkim.verify
+## bench: intake against a bare aiosmtpd sink, verification against bare dkim.verify, console pages with 100,000 requests
 bench: $(DEV_STAMP)
 	$(BIN)/python -m bench.intake
 	$(BIN)/python -m bench.verify
+	$(BIN)/python -m bench.console
 
 ## migration: generate a migration from the models (MSG="what changed")
 migration: $(DEV_STAMP)
