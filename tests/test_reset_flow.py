@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -15,12 +16,14 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from mailproc.agents import AgentService
 from mailproc.models import AgentRole, RequestState
 from mailproc.requests import RequestService
 from tests import test_pipeline
+from tests.conftest import free_port
 from tests.dkimkeys import DkimKey
 from tests.support import AppThread, send_raw, stored_id, wait_for, write_config
 from tests.test_outbox import Relay
@@ -282,4 +285,32 @@ def test_serve_expires_an_undecided_request_and_tells_the_owner(
     assert str(expired["To"]) == ALICE
     assert request.reference in body(expired)
     assert events[-1] == "expired"
+    assert receiver.calls == []
+
+
+def test_the_owner_cancels_from_the_link_in_the_acknowledgement(
+    database_url: str, accounts_url: str, key: DkimKey, relay: Relay, receiver: Receiver
+) -> None:
+    port = free_port()
+    flow = flow_sections(accounts_url, relay, receiver)
+    flow["web"] = {"listen": f"127.0.0.1:{port}", "base_url": f"http://127.0.0.1:{port}"}
+    with AppThread.running(database_url, **flow) as app:
+        processed(app, stored_id(send_raw(app.port, signed(key), ALICE)))
+        [request] = requests(app)
+        [ack] = deliver(app, relay, 1)
+        links = re.findall(rf"http://127\.0\.0\.1:{port}/cancel/[A-Za-z0-9_-]+", body(ack))
+        assert links, body(ack)
+        with httpx.Client() as owner:
+            page = owner.get(links[0])
+            assert page.status_code == 200
+            assert request.reference in page.text
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+            assert csrf
+            done = owner.post(links[0], data={"csrf": csrf.group(1)})
+            assert done.status_code == 200
+        detail = RequestService(app.app.database).get(request.id)
+        assert detail.request.state == RequestState.CANCELLED
+        assert (detail.events[-1].actor, detail.events[-1].action) == ("owner", "cancelled")
+        [_ack, cancelled] = deliver(app, relay, 2)
+    assert request.reference in body(cancelled)
     assert receiver.calls == []
