@@ -976,6 +976,18 @@ def agents_enable(ctx: Context, name: str) -> None:
     click.echo(f"agent {info.name} enabled")
 
 
+@agents_group.command("reset-mfa")
+@click.argument("name")
+@pass_context
+def agents_reset_mfa(ctx: Context, name: str) -> None:
+    """Forget an agent's second factor (a lost phone): they set up a new one at next sign-in;
+    their console sessions end and a lockout is lifted."""
+    from mailproc.agents import AgentService
+
+    info = _run(lambda: AgentService(ctx.database()).reset_mfa(name))
+    click.echo(f"second factor of agent {info.name} reset: they enrol again at next sign-in")
+
+
 @agents_group.command("password")
 @click.argument("name")
 @click.option(
@@ -989,6 +1001,70 @@ def agents_password(ctx: Context, name: str, password_stdin: bool) -> None:
     password = _read_password(password_stdin)
     info = _run(lambda: AgentService(ctx.database()).set_password(name, password))
     click.echo(f"password of agent {info.name} set")
+
+
+@main.group("tokens")
+def tokens_group() -> None:
+    """Bearer tokens for the JSON API, each acting as one agent."""
+
+
+@tokens_group.command("create")
+@click.argument("name")
+@click.option("--agent", "agent", required=True, help="The agent the token acts as (by name).")
+@_JSON
+@pass_context
+def tokens_create(ctx: Context, name: str, agent: str, as_json: bool) -> None:
+    """Create a token acting as an agent (shown once).
+
+    The token has the agent's role, checked at every call. Only the token goes to stdout
+    (TOKEN=$(mailproc tokens create ...)); the notes go to stderr."""
+    from mailproc.tokens import TokenError, TokenService, check_token_name
+
+    try:
+        check_token_name(name)
+    except TokenError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    info, secret = _run(lambda: TokenService(ctx.database()).create(name, agent))
+    if as_json:
+        click.echo(json.dumps(info.to_dict() | {"token": secret}))
+        return
+    click.echo(f"token {info.name} created, acting as agent {info.agent}:", err=True)
+    click.echo(secret)
+    click.echo("It is shown only this once: store it now (only its hash is kept).", err=True)
+
+
+@tokens_group.command("list")
+@_JSON
+@pass_context
+def tokens_list(ctx: Context, as_json: bool) -> None:
+    """List tokens (never their secrets)."""
+    from mailproc.tokens import TokenService
+
+    tokens = _run(TokenService(ctx.database()).list)
+    if as_json:
+        click.echo(json.dumps([token.to_dict() for token in tokens], indent=2))
+        return
+    if not tokens:
+        click.echo("no tokens (mailproc tokens create NAME --agent AGENT makes one)")
+        return
+    click.echo(f"{'NAME':<24}  {'AGENT':<24}  {'STATE':<7}  {'CREATED':<10}  LAST USED")
+    for token in tokens:
+        state = "revoked" if token.revoked_at else "live"
+        used = f"{token.last_used_at:%Y-%m-%d %H:%M}" if token.last_used_at else "never"
+        click.echo(
+            f"{token.name:<24}  {token.agent:<24}  {state:<7}  {token.created_at:%Y-%m-%d}  {used}"
+        )
+
+
+@tokens_group.command("revoke")
+@click.argument("name")
+@pass_context
+def tokens_revoke(ctx: Context, name: str) -> None:
+    """Revoke a token: refused from now on, listed as revoked."""
+    from mailproc.tokens import TokenService
+
+    info = _run(lambda: TokenService(ctx.database()).revoke(name))
+    click.echo(f"token {info.name} revoked")
 
 
 @main.group("audit")

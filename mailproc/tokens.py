@@ -4,6 +4,7 @@ call); the token is shown once, at creation, and only its SHA-256 is stored."""
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from mailproc.agents import AgentInfo, check_name
+from mailproc.agents import AgentInfo
 from mailproc.db import Database
 from mailproc.errors import InvalidState, NotFound
 from mailproc.models import Agent, ApiToken, utcnow
@@ -21,10 +22,32 @@ from mailproc.requests import audit
 PREFIX = "mpt_"
 # Record last_used_at at most this often.
 _TOUCH_EVERY = timedelta(minutes=1)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class TokenError(ValueError):
+    """A token name that cannot be used; the message says why."""
+
+
+def check_token_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise TokenError(
+            f"invalid token name {name!r}: 1 to 64 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request with a live token comes from: the token's name and its agent."""
+
+    token: str
+    agent: AgentInfo
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class TokenService:
 
     def create(self, name: str, agent_name: str) -> tuple[TokenInfo, str]:
         """A new token acting as ``agent_name``; returns it with its secret (shown once)."""
-        check_name(name)
+        check_token_name(name)
         secret = PREFIX + secrets.token_urlsafe(32)
         now = utcnow()
         try:
@@ -110,6 +133,12 @@ class TokenService:
 
     def authenticate(self, secret: str) -> AgentInfo | None:
         """The active agent this live token acts as, or None."""
+        caller = self.identify(secret)
+        return caller.agent if caller is not None else None
+
+    def identify(self, secret: str) -> Caller | None:
+        """The live token and the active agent it acts as, or None (unknown or revoked token,
+        disabled agent). Writes nothing unless the token is good."""
         if not secret.startswith(PREFIX) or len(secret) > 100:
             return None
         now = utcnow()
@@ -130,4 +159,4 @@ class TokenService:
                 found = session.get(ApiToken, token.id)
                 if found is not None:
                     found.last_used_at = now
-        return AgentInfo.of(agent)
+        return Caller(token.name, AgentInfo.of(agent))
