@@ -3,6 +3,7 @@ config files written per test, and the service run in-process or as a real proce
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import shutil
@@ -153,6 +154,10 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     try:
         yield cluster.url(name)
     finally:
+        # Collect this test's garbage now, while its engines are still whole: SQLAlchemy's
+        # finalizers then return any connection a thread left checked out, and a connection
+        # really left open warns here, in the test that made it, not in a later one.
+        gc.collect()
         drop_pg_database(cluster, name)
 
 
