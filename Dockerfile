@@ -24,9 +24,11 @@ COPY rules /etc/mailproc/rules
 COPY templates /etc/mailproc/templates
 COPY config.example.toml /etc/mailproc/config.example.toml
 
-# In a container the listener must face the network, and the database lives in the volume.
-# Any setting can be overridden with MAILPROC_<SECTION>_<KEY> or a file in MAILPROC_CONFIG.
+# In a container the listeners must face the network, and the database lives in the volume.
+# Any setting can be overridden with MAILPROC_<SECTION>_<KEY> or a file in MAILPROC_CONFIG;
+# set MAILPROC_WEB_BASE_URL to the console's address behind your TLS proxy.
 ENV MAILPROC_SMTP_LISTEN=0.0.0.0:2525 \
+    MAILPROC_WEB_LISTEN=0.0.0.0:8025 \
     MAILPROC_DATABASE_URL=sqlite:////var/lib/mailproc/mailproc.db \
     MAILPROC_TEMPLATES_PATH=/etc/mailproc/templates \
     MAILPROC_RULES_PATH=/etc/mailproc/rules
@@ -34,9 +36,9 @@ ENV MAILPROC_SMTP_LISTEN=0.0.0.0:2525 \
 USER mailproc
 WORKDIR /var/lib/mailproc
 VOLUME ["/var/lib/mailproc"]
-EXPOSE 2525
+EXPOSE 2525 8025
 
-# Until the web endpoint exists, healthy means the SMTP listener greets.
+# Healthy means the SMTP listener greets.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, smtplib; port = int(os.environ['MAILPROC_SMTP_LISTEN'].rsplit(':', 1)[1]); smtplib.SMTP('127.0.0.1', port, timeout=4).quit()"]
 

@@ -1,7 +1,7 @@
 # The two quickstart commands (`make run`, `make test`) and the rest of the developer loop.
 # Every target creates .venv itself; nothing else needs to be installed beforehand but
-# Python 3.11+ (and, for the PostgreSQL half of the suite, Debian's postgresql package, which
-# `make test` installs when it runs as root).
+# Python 3.11+ (and, for the PostgreSQL half of the suite and the console's browser tests,
+# Debian's postgresql and chromium packages, which `make test` installs when it runs as root).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -32,6 +32,7 @@ run: $(RUN_STAMP)
 ## test: lint, type checks and the whole suite, on SQLite and PostgreSQL
 test: $(DEV_STAMP)
 	tests/ensure_postgres.sh
+	tests/ensure_chromium.sh
 	$(MAKE) --no-print-directory lint typecheck pytest
 
 lint: $(DEV_STAMP)

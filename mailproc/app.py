@@ -151,11 +151,15 @@ class App:
             await self.web.stop()  # answers under way are finished
         await self.intake.close()
         await self.worker.stop(self.settings.smtp.shutdown_grace_seconds)
+        # Jobs that start from now on return at once; those running finish the attempt in
+        # hand. Only then the scheduler stops: its shutdown cancels running jobs, and a job
+        # cancelled while its database work goes on in a thread would leave that work (and its
+        # connection) behind.
         self._stopping = True
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=False)
         async with self._delivering, self._executing, self._expiring:
             pass  # the attempts in hand are finished and recorded
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
         self.executor.close()
         self.database.dispose()
         log.info("stopped")

@@ -27,7 +27,7 @@ from mailproc.models import (
     utcnow,
 )
 from mailproc.outbox import Outbox, Source
-from mailproc.requests import SYSTEM, audit
+from mailproc.requests import MAX_ID, SYSTEM, audit
 
 NOTE_MAX_LENGTH = 2000
 
@@ -73,6 +73,8 @@ class DecisionService:
 
     @staticmethod
     def _request(session: Session, request_id: int) -> ResetRequest:
+        if not 0 < request_id < MAX_ID:
+            raise NotFound(f"request {request_id} not found")
         request = session.get(ResetRequest, request_id, with_for_update=True)
         if request is None:
             raise NotFound(f"request {request_id} not found")

@@ -329,6 +329,8 @@ def record_sighting(
 # -- reading --------------------------------------------------------------------------------
 
 CLAIM_STALE = timedelta(hours=1)
+# Ids are 64-bit: anything larger cannot name a request (and would overflow the driver).
+MAX_ID = 2**63
 
 
 @dataclass(frozen=True)
@@ -372,6 +374,8 @@ class RequestService:
             return list(session.scalars(query))
 
     def get(self, request_id: int) -> RequestDetail:
+        if not 0 < request_id < MAX_ID:
+            raise NotFound(f"request {request_id} not found")
         with self.db.reading() as session:
             request = session.get(ResetRequest, request_id)
             if request is None:
@@ -463,6 +467,8 @@ class RequestService:
         that two agents do not verify the same owner at once. A claim older than an hour
         is stale and may be taken over."""
         now = utcnow()
+        if not 0 < request_id < MAX_ID:
+            raise NotFound(f"request {request_id} not found")
         with self.db.writing() as session:
             request = session.get(ResetRequest, request_id, with_for_update=True)
             if request is None:

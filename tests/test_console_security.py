@@ -123,6 +123,7 @@ def test_a_bad_csrf_token_or_a_foreign_origin_changes_nothing(
 ) -> None:
     request_id = open_request(app.app.database, database_url)
     alice = sign_in(app, "alice")
+    assert alice.get("/requests/99999999999999999999").status_code == 404
     token = csrf_of(alice, f"/requests/{request_id}")
     before = audit_count(app)
     for data in ({"text": "verified"}, {"text": "verified", "csrf": "forged"}):
@@ -134,6 +135,12 @@ def test_a_bad_csrf_token_or_a_foreign_origin_changes_nothing(
         headers={"Origin": "https://evil.example"},
     )
     assert answer.status_code == 403
+    answer = alice.post(
+        f"/requests/{request_id}/approve",
+        data={"text": "verified", "csrf": token},
+        headers={"Sec-Fetch-Site": "cross-site", "Origin": "null"},
+    )
+    assert answer.status_code == 403
     assert state(app, request_id) == RequestState.PENDING
     assert audit_count(app) == before
     # Another agent's token is no good either.
@@ -141,8 +148,12 @@ def test_a_bad_csrf_token_or_a_foreign_origin_changes_nothing(
     answer = bob.post(f"/requests/{request_id}/deny", data={"text": "no", "csrf": token})
     assert answer.status_code == 403
     assert state(app, request_id) == RequestState.PENDING
-    # The right token works.
-    answer = alice.post(f"/requests/{request_id}/approve", data={"text": "verified", "csrf": token})
+    # The right token from our own page works, with what a browser sends under no-referrer.
+    answer = alice.post(
+        f"/requests/{request_id}/approve",
+        data={"text": "verified", "csrf": token},
+        headers={"Sec-Fetch-Site": "same-origin", "Origin": "null"},
+    )
     assert answer.status_code == 303
     assert state(app, request_id) == RequestState.APPROVED
 

@@ -3,8 +3,12 @@
 Safety, in one place: every page but sign-in and the owner's cancel link needs a session that
 passed both factors; every POST carries the session's CSRF token (sign-in: a double-submit
 token) and, when the browser sends one, an Origin of our own; every answer carries a CSP
-without inline script, ``frame-ancestors 'none'`` and ``no-referrer``; admin pages answer 403
-to agents; mail is only ever shown as text."""
+without inline script, ``frame-ancestors 'none'`` and ``Referrer-Policy: no-referrer``; admin
+pages answer 403 to agents; mail is only ever shown as text.
+
+Under ``no-referrer`` browsers send ``Origin: null`` with our own forms, so where the browser
+says where a request comes from (``Sec-Fetch-Site``) that is what counts: only ``same-origin``
+(or ``none``, typed by the user) is accepted. The CSRF token is checked in every case."""
 
 from __future__ import annotations
 
@@ -77,6 +81,22 @@ NOTICES = {
     "signed_out": "Signed out.",
 }
 MAX_TEXT_BODY = 100_000
+# The states in which a notice about a request is still true (the page may be reloaded later).
+NOTICE_STATES = {
+    "approved": {RequestState.APPROVED},
+    "voted": {RequestState.PENDING},
+    "retried": {RequestState.APPROVED},
+    "claimed": {RequestState.PENDING, RequestState.APPROVED},
+}
+# What each risk flag means, in the words an agent needs before approving.
+FLAG_HELP = {
+    "first_contact": "No earlier request for this account, and we have never written to this "
+    "address before.",
+    "weak_authentication": "The sender is not proven by a DKIM signature of their domain.",
+    "email_changed_recently": "The account's address was changed in the last 30 days.",
+    "lookalike_seen": "Mail from an address that looks like this one arrived in the last 30 days.",
+    "repeated_requests": "Two or more requests for this account in the last 30 days.",
+}
 
 
 class SecurityHeaders:
@@ -144,6 +164,7 @@ class Console:
             version=__version__,
             four_eyes=settings.approval.four_eyes_for_flagged,
             reset_method=settings.reset.method,
+            flag_help=FLAG_HELP,
         )
         self.env.filters["age"] = age
         self.env.filters["when"] = when
@@ -164,10 +185,10 @@ class Console:
         **context: Any,
     ) -> HTMLResponse:
         context.setdefault("csrf", session.csrf_token if session else None)
+        context.setdefault("notice", NOTICES.get(request.query_params.get("done", "")))
         html = self.env.get_template(template).render(
             session=session,
             agent=session.agent if session else None,
-            notice=NOTICES.get(request.query_params.get("done", "")),
             path=request.url.path,
             **context,
         )
@@ -185,7 +206,11 @@ class Console:
         )
 
     def same_origin(self, request: Request) -> bool:
-        """A POST's Origin, when the browser sends one, must be this console's."""
+        """Whether a POST comes from this console's own pages, as far as the browser says:
+        ``Sec-Fetch-Site`` when sent (every current browser), else the Origin, when sent."""
+        site = request.headers.get("sec-fetch-site")
+        if site is not None:
+            return site in ("same-origin", "none")
         origin = request.headers.get("origin")
         if origin is None or origin == "null":
             return origin is None
@@ -222,6 +247,8 @@ class Console:
 
 def age(value: datetime) -> str:
     seconds = max(0, int((utcnow() - value).total_seconds()))
+    if seconds < 60:
+        return "under a minute"
     if seconds < 3600:
         return f"{seconds // 60} min"
     if seconds < 86400 * 2:
@@ -508,6 +535,10 @@ def create_app(settings: Settings, database: Database) -> Starlette:
                 title="Not found",
                 message=f"There is no request {request_id}.",
             )
+        done = request.query_params.get("done", "")
+        if data["req"].state not in NOTICE_STATES.get(done, set(RequestState)):
+            # Reloaded after things moved on ("being carried out" on a completed request).
+            data["notice"] = None
         return console.page(request, "request.html", session=session, **data)
 
     def decide(action: str) -> Handler:
@@ -644,7 +675,9 @@ def create_app(settings: Settings, database: Database) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if request.url.path.startswith("/api/"):
-            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+            return JSONResponse(
+                {"error": exc.detail}, status_code=exc.status_code, headers=exc.headers
+            )
         html = console.env.get_template("error.html").render(
             session=None,
             agent=None,
@@ -652,7 +685,7 @@ def create_app(settings: Settings, database: Database) -> Starlette:
             message=exc.detail,
             path=request.url.path,
         )
-        return HTMLResponse(html, status_code=exc.status_code)
+        return HTMLResponse(html, status_code=exc.status_code, headers=exc.headers)
 
     routes = [
         Route("/", queue),
