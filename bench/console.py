@@ -162,7 +162,7 @@ def sign_in(base: str) -> dict[str, str]:
         code = pyotp.TOTP(secret.group(1).replace(" ", "")).now()
         done = client.post("/login/enrol", data={"csrf": form.group(1), "code": code})
         assert done.status_code == 200, done.text[:300]
-        assert "Waiting for a decision" in done.text, done.text[:300]
+        assert "Open requests" in done.text, done.text[:300]
         return dict(client.cookies.items())
 
 
