@@ -652,6 +652,15 @@ def parse_settings(
                 f"{where}: {reset.webhook_url} is plain http: the signature keeps "
                 "the call from being forged, but the account's address travels unencrypted"
             )
+    web = built["web"]
+    if web.listen is not None and web.base_url.startswith("http://"):
+        host = urlsplit(web.base_url).hostname or ""
+        if host not in ("localhost", "127.0.0.1", "::1"):
+            where = origins.get("web.base_url", "[web] base_url")
+            warnings.append(
+                f"{where}: {web.base_url} is plain http: console cookies cannot be Secure and "
+                "passwords travel unencrypted; serve the console behind TLS (https)"
+            )
     settings = Settings(**built, source=source, origins=origins, warnings=tuple(warnings))
     _cross_checks(settings)
     return settings

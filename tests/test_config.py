@@ -1238,3 +1238,15 @@ def test_cli_config_check_with_a_bad_reset_exits_78_in_one_line(write, runner) -
         f'Error: {path}: [reset] method: "sql" needs sql, one statement with the parameter '
         ":account_id (see config.example.toml)\n"
     )
+
+
+def test_a_plain_http_console_on_another_host_is_a_warning(write) -> None:
+    path = write('[web]\nbase_url = "http://support.example.com:8025"\n')
+    [warning] = load_settings(path, env={}).warnings
+    assert warning.startswith(f"{path}: [web] base_url: http://support.example.com:8025 is plain")
+    assert "cannot be Secure" in warning
+    assert (
+        load_settings(write('[web]\nbase_url = "https://support.example.com"\n'), env={}).warnings
+        == ()
+    )
+    assert load_settings(None, env={}).warnings == ()
