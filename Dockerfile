@@ -38,9 +38,10 @@ WORKDIR /var/lib/mailproc
 VOLUME ["/var/lib/mailproc"]
 EXPOSE 2525 8025
 
-# Healthy means the SMTP listener greets.
+# Healthy means ready: the database answers, the SMTP listener is bound and the scheduler runs
+# (GET /readyz on the console's port).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, smtplib; port = int(os.environ['MAILPROC_SMTP_LISTEN'].rsplit(':', 1)[1]); smtplib.SMTP('127.0.0.1', port, timeout=4).quit()"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ['MAILPROC_WEB_LISTEN'].rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/readyz', timeout=4)"]
 
 STOPSIGNAL SIGTERM
 CMD ["mailproc", "serve"]

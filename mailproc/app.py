@@ -84,7 +84,9 @@ class App:
 
             try:
                 self.web = WebServer.bind(
-                    create_app(self.settings, self.database), web.listen.host, web.listen.port
+                    create_app(self.settings, self.database, self),
+                    web.listen.host,
+                    web.listen.port,
                 )
             except OSError as exc:
                 self.server.close()
@@ -163,6 +165,17 @@ class App:
         self.executor.close()
         self.database.dispose()
         log.info("stopped")
+
+    # What /readyz and /metrics ask of serve.
+
+    def listening(self) -> bool:
+        return self.server is not None and self.server.is_serving() and not self._stopping
+
+    def scheduling(self) -> bool:
+        return bool(self.scheduler.running) and not self._stopping
+
+    def open_sessions(self) -> int:
+        return len(self.connections.open)
 
     async def deliver_outbox(self) -> None:
         """The scheduler's outbox job: deliver every reply that is due."""

@@ -21,11 +21,13 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urlsplit
 
 import segno
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -51,6 +53,8 @@ from mailproc.db import Database
 from mailproc.decisions import DecisionService
 from mailproc.errors import InvalidState, NotFound
 from mailproc.links import read_cancel_token, signing_key
+from mailproc.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from mailproc.metrics import Metrics
 from mailproc.models import AgentRole, RequestState, utcnow
 from mailproc.models import Message as StoredMessage
 from mailproc.requests import RequestService, verify_chain
@@ -288,8 +292,48 @@ def safe_next(target: str | None) -> str:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def create_app(settings: Settings, database: Database) -> Starlette:
+class Status(Protocol):
+    """What serve tells the health and metrics endpoints about itself."""
+
+    def listening(self) -> bool: ...
+    def scheduling(self) -> bool: ...
+    def open_sessions(self) -> int: ...
+
+
+def create_app(settings: Settings, database: Database, status: Status | None = None) -> Starlette:
     console = Console(settings, database)
+    metrics = Metrics(database, status.open_sessions if status is not None else None)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    def database_reachable() -> bool:
+        try:
+            with database.reading() as session:
+                session.execute(text("SELECT 1"))
+        except SQLAlchemyError as exc:
+            log.warning("readiness: database not reachable: %s", exc)
+            return False
+        return True
+
+    async def readyz(request: Request) -> Response:
+        checks = {"database": await run_in_threadpool(database_reachable)}
+        if status is not None:
+            checks["listener"] = status.listening()
+            checks["scheduler"] = status.scheduling()
+        ready = all(checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        try:
+            body = await run_in_threadpool(metrics.render)
+        except SQLAlchemyError as exc:
+            log.warning("metrics: database not reachable: %s", exc)
+            return Response("database not reachable\n", status_code=503, media_type="text/plain")
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     def signed_in(admin: bool = False) -> Callable[[Callable[..., Awaitable[Response]]], Handler]:
         def wrap(handler: Callable[..., Awaitable[Response]]) -> Handler:
@@ -688,6 +732,9 @@ def create_app(settings: Settings, database: Database) -> Starlette:
         return HTMLResponse(html, status_code=exc.status_code, headers=exc.headers)
 
     routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         Route("/", queue),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/login/code", second_factor, methods=["GET", "POST"]),

@@ -1,0 +1,144 @@
+"""Prometheus metrics. What lives in the database (messages, verdicts, requests, the outbox,
+resets) is read at each scrape, so every instance on one database reports the same totals and
+nothing is lost when an instance restarts; what lives in one process (its open SMTP sessions)
+is that instance's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from mailproc.db import Database
+from mailproc.models import (
+    ExecutionState,
+    Message,
+    MessageState,
+    OutboxEntry,
+    OutboxState,
+    RequestState,
+    ResetExecution,
+    ResetRequest,
+    utcnow,
+)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_WEEK = timedelta(days=7)
+
+
+def _counts(session: Any, column: Any) -> dict[str, int]:
+    """Rows per value of ``column``, keyed by the value's text."""
+    rows = session.execute(select(column, func.count()).group_by(column)).all()
+    return {str(getattr(row[0], "value", row[0])): row[1] for row in rows}
+
+
+class DatabaseCollector(Collector):
+    def __init__(self, database: Database) -> None:
+        self.db = database
+
+    def collect(self) -> Iterator[Metric]:
+        now = utcnow()
+        with self.db.reading() as session:
+            messages = GaugeMetricFamily(
+                "mailproc_messages", "Stored messages by processing state.", labels=["state"]
+            )
+            counts = _counts(session, Message.state)
+            for state in MessageState:
+                messages.add_metric([state.value], counts.get(state.value, 0))
+            yield messages
+
+            verdicts = GaugeMetricFamily(
+                "mailproc_verdicts",
+                "Processed messages by authentication strength (strong, weak, none).",
+                labels=["strength"],
+            )
+            for strength, count in session.execute(
+                select(Message.auth_strength, func.count())
+                .where(Message.auth_strength.is_not(None))
+                .group_by(Message.auth_strength)
+            ):
+                verdicts.add_metric([str(strength)], count)
+            yield verdicts
+
+            requests = GaugeMetricFamily(
+                "mailproc_requests", "Reset requests by state.", labels=["state"]
+            )
+            counts = _counts(session, ResetRequest.state)
+            for request_state in RequestState:
+                requests.add_metric([request_state.value], counts.get(request_state.value, 0))
+            yield requests
+
+            oldest = session.execute(
+                select(func.min(ResetRequest.created_at)).where(
+                    ResetRequest.state == RequestState.PENDING
+                )
+            ).scalar_one_or_none()
+            age = GaugeMetricFamily(
+                "mailproc_queue_oldest_pending_seconds",
+                "Age of the oldest request waiting for a decision (0 when none waits).",
+            )
+            age.add_metric([], (now - oldest).total_seconds() if oldest is not None else 0.0)
+            yield age
+
+            latency = GaugeMetricFamily(
+                "mailproc_approval_latency_seconds",
+                "Mean time from a request's creation to its decision, over the last 7 days.",
+            )
+            decided = session.execute(
+                select(ResetRequest.created_at, ResetRequest.decided_at).where(
+                    ResetRequest.decided_at.is_not(None),
+                    ResetRequest.decided_at > now - _WEEK,
+                )
+            ).all()
+            spans = [(d - c).total_seconds() for c, d in decided if c is not None and d is not None]
+            latency.add_metric([], sum(spans) / len(spans) if spans else 0.0)
+            yield latency
+
+            outbox = GaugeMetricFamily(
+                "mailproc_outbox", "Replies in the outbox by state.", labels=["state"]
+            )
+            counts = _counts(session, OutboxEntry.state)
+            for outbox_state in OutboxState:
+                outbox.add_metric([outbox_state.value], counts.get(outbox_state.value, 0))
+            yield outbox
+
+            resets = GaugeMetricFamily(
+                "mailproc_reset_executions",
+                "Executions of approved resets by state.",
+                labels=["state"],
+            )
+            counts = _counts(session, ResetExecution.state)
+            for run_state in ExecutionState:
+                resets.add_metric([run_state.value], counts.get(run_state.value, 0))
+            yield resets
+
+
+class ProcessCollector(Collector):
+    """This instance's own figures."""
+
+    def __init__(self, open_sessions: Callable[[], int]) -> None:
+        self.open_sessions = open_sessions
+
+    def collect(self) -> Iterator[Metric]:
+        sessions = GaugeMetricFamily(
+            "mailproc_smtp_sessions_open", "SMTP/LMTP sessions open on this instance."
+        )
+        sessions.add_metric([], self.open_sessions())
+        yield sessions
+
+
+class Metrics:
+    def __init__(self, database: Database, open_sessions: Callable[[], int] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(DatabaseCollector(database))
+        if open_sessions is not None:
+            self.registry.register(ProcessCollector(open_sessions))
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data

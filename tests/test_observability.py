@@ -1,0 +1,68 @@
+"""Health, readiness and Prometheus metrics of the running service, over real HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import AppThread, make_message, send, stored_id, wait_for
+from tests.test_decisions import request as open_request
+
+
+@pytest.fixture
+def app(database_url: str) -> Iterator[AppThread]:
+    with AppThread.running(database_url) as running:
+        yield running
+
+
+def get(app: AppThread, path: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{app.app.web_port}{path}", timeout=10)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_healthz_and_readyz(app: AppThread) -> None:
+    assert get(app, "/healthz").json() == {"status": "ok"}
+    ready = get(app, "/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": True, "listener": True, "scheduler": True},
+    }
+    # The scheduler stops (as it would if it died): not ready, and why.
+    app.call(_stop_scheduler(app))
+    answer = get(app, "/readyz")
+    assert answer.status_code == 503
+    assert answer.json()["checks"] == {"database": True, "listener": True, "scheduler": False}
+
+
+async def _stop_scheduler(app: AppThread) -> None:
+    app.app.scheduler.shutdown(wait=False)
+
+
+def test_metrics_report_messages_requests_and_sessions(app: AppThread, database_url: str) -> None:
+    first = stored_id(send(app.port, make_message()))
+    wait_for(lambda: app.app.messages.get(first).state.value == "processed", timeout=30)
+    open_request(app.app.database, database_url)
+    answer = get(app, "/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    values = samples(answer.text)
+    assert values[("mailproc_messages", (("state", "processed"),))] >= 1
+    assert values[("mailproc_messages", (("state", "failed"),))] == 0
+    assert values[("mailproc_requests", (("state", "pending"),))] == 1
+    assert values[("mailproc_requests", (("state", "completed"),))] == 0
+    assert values[("mailproc_queue_oldest_pending_seconds", ())] >= 0
+    assert ("mailproc_outbox", (("state", "pending"),)) in values
+    assert ("mailproc_reset_executions", (("state", "failed"),)) in values
+    assert values[("mailproc_smtp_sessions_open", ())] == 0
+    assert any(name == "mailproc_verdicts" for name, _ in values)
