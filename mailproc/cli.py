@@ -126,7 +126,7 @@ def serve(ctx: Context) -> None:
     from mailproc.app import App, ListenError
 
     settings = ctx.settings
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     for warning in settings.warnings:
         logging.getLogger("mailproc.config").warning("%s", warning)
     with _user_errors():
@@ -278,7 +278,7 @@ def worker(ctx: Context) -> None:
     from mailproc.worker import SPAWN, work
 
     settings = ctx.settings
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     wake, stop = SPAWN.Event(), SPAWN.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

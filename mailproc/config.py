@@ -320,6 +320,7 @@ class AuthSettings:
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = _key("info", _log_level, "str")
+    format: str = _key("auto", _one_of("auto", "json", "text"), "str")
 
 
 def _any_database_url(value: Any) -> str:

@@ -102,7 +102,7 @@ def _child(
     parent_pid: int,
     last_commit: Synchronized[float] | None = None,
 ) -> None:
-    setup_logging(settings.logging.level)
+    setup_logging(settings.logging.level, settings.logging.format)
     # When CPU is short, the SMTP sessions waiting for their 250 go first; stored mail waits.
     if settings.worker.nice:
         os.nice(settings.worker.nice)
