@@ -19,6 +19,7 @@ from mailproc.intake import GroupCommitter
 from mailproc.outbox import OutboxSender
 from mailproc.pipeline import check_directory
 from mailproc.rendering import Templates
+from mailproc.retention import Retention
 from mailproc.rules import RuleSet
 from mailproc.services import MessageService
 from mailproc.smtp import Connections, protocol_factory
@@ -57,6 +58,8 @@ class App:
         self._delivering = asyncio.Lock()
         self._executing = asyncio.Lock()
         self._expiring = asyncio.Lock()
+        self._purging = asyncio.Lock()
+        self.retention = Retention(self.database, settings.retention.raw_message_days)
         self._stopping = False
         self.web: Any = None
         self.web_port: int | None = None
@@ -131,6 +134,17 @@ class App:
             coalesce=True,
             misfire_grace_time=None,
         )
+        if self.settings.retention.raw_message_days > 0:
+            self.scheduler.add_job(
+                self.purge_raw_messages,
+                "interval",
+                seconds=self.settings.retention.check_interval_seconds,
+                next_run_time=datetime.now(UTC),
+                id="retention",
+                max_instances=2,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         self.scheduler.start()
         if self.web_port is not None:
             log.info("console on %s (listening on port %d)", web.base_url, self.web_port)
@@ -158,7 +172,7 @@ class App:
         # cancelled while its database work goes on in a thread would leave that work (and its
         # connection) behind.
         self._stopping = True
-        async with self._delivering, self._executing, self._expiring:
+        async with self._delivering, self._executing, self._expiring, self._purging:
             pass  # the attempts in hand are finished and recorded
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
@@ -210,6 +224,24 @@ class App:
                 return
         if expired:
             log.info("%d pending request(s) expired", expired)
+
+    async def purge_raw_messages(self) -> None:
+        """The scheduler's retention job: raw messages past their age become headers only."""
+        if self._stopping or self._purging.locked():
+            return
+        async with self._purging:
+            try:
+                report = await asyncio.to_thread(self.retention.purge)
+            except Exception:
+                log.exception("retention failed; trying again at the next run")
+                return
+        if report.messages:
+            log.info(
+                "retention: raw bytes of %d messages replaced by their headers (%d -> %d bytes)",
+                report.messages,
+                report.bytes_before,
+                report.bytes_after,
+            )
 
     async def run_until_signalled(self) -> None:
         stop = asyncio.Event()

@@ -1067,6 +1067,38 @@ def tokens_revoke(ctx: Context, name: str) -> None:
     click.echo(f"token {info.name} revoked")
 
 
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Only say what would be replaced.")
+@_JSON
+@pass_context
+def purge(ctx: Context, dry_run: bool, as_json: bool) -> None:
+    """Replace the raw bytes of messages older than [retention] raw_message_days by their
+    headers (serve does this by itself every [retention] check_interval_seconds)."""
+    from mailproc.retention import Retention
+
+    days = ctx.settings.retention.raw_message_days
+    report = _run(lambda: Retention(ctx.database(), days).purge(dry_run=dry_run))
+    if as_json:
+        click.echo(json.dumps(report.to_dict() | {"dry_run": dry_run, "days": days}))
+        return
+    if days == 0:
+        click.echo("[retention] raw_message_days = 0: raw messages are kept for ever")
+        return
+    oldest = f", the oldest received {report.oldest:%Y-%m-%d}" if report.oldest else ""
+    if dry_run:
+        click.echo(
+            f"would replace the raw bytes of {report.messages} messages received before "
+            f"{report.cutoff:%Y-%m-%d %H:%M} UTC ({report.bytes_before} bytes{oldest}) by "
+            "their headers"
+        )
+    else:
+        click.echo(
+            f"replaced the raw bytes of {report.messages} messages received before "
+            f"{report.cutoff:%Y-%m-%d %H:%M} UTC by their headers ({report.bytes_before} -> "
+            f"{report.bytes_after} bytes{oldest})"
+        )
+
+
 @main.group("audit")
 def audit_group() -> None:
     """The chained audit log."""

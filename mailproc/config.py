@@ -387,6 +387,20 @@ class OutboundSettings:
     replies_per_recipient_per_day: int = _key(5, _positive_int, "int")
 
 
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_type_name(value)}")
+    if value < 0:
+        raise ValueError(f"must be 0 or more, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    raw_message_days: int = _key(30, _non_negative_int, "int")
+    check_interval_seconds: float = _key(3600.0, _positive_float, "float")
+
+
 @dataclass(frozen=True)
 class WebSettings:
     listen: ListenAddress | None = _key(
@@ -436,6 +450,7 @@ class Settings:
     approval: ApprovalSettings = field(default_factory=ApprovalSettings)
     reset: ResetSettings = field(default_factory=ResetSettings)
     web: WebSettings = field(default_factory=WebSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     source: str = "built-in defaults"
     # Where each explicitly set "section.key" came from, for error messages.
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)

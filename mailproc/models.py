@@ -118,6 +118,9 @@ class Message(Base):
     size: Mapped[int]
     sha256: Mapped[str] = mapped_column(String(64))
     raw: Mapped[bytes] = mapped_column(LargeBinary)
+    # When retention replaced ``raw`` by its header block (``size`` and ``sha256`` still
+    # describe the message as received).
+    raw_purged_at: Mapped[datetime | None]
     # Wire-level findings (bare CR/LF, NUL, smuggling sequences); never "fixed" in ``raw``.
     intake_flags: Mapped[list[str]] = mapped_column(JSONData)
     parsed: Mapped[dict[str, Any] | None]

@@ -103,6 +103,7 @@ def test_example_config_sets_every_key_of_every_section() -> None:
         "approval",
         "reset",
         "web",
+        "retention",
     }
     assert set(data) == set(SECTIONS)
     for section, cls in SECTIONS.items():

@@ -561,6 +561,7 @@ def create_app(settings: Settings, database: Database, status: Status | None = N
                         "text": text,
                         "has_html": has_html,
                         "size": stored.size,
+                        "purged_at": stored.raw_purged_at,
                     }
         history = console.requests.history(req.account_id, exclude=req.id)
         return {"detail": detail, "req": req, "message": message, "history": history}
