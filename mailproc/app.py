@@ -26,6 +26,9 @@ from mailproc.smtp import Connections, protocol_factory
 from mailproc.worker import WorkerProcesses, new_worker_id
 
 log = logging.getLogger(__name__)
+# How often serve looks whether a staff reminder is due ([queue] remind_every_hours says how
+# often one goes out).
+REMIND_CHECK_SECONDS = 300
 
 
 class ListenError(Exception):
@@ -59,6 +62,7 @@ class App:
         self._executing = asyncio.Lock()
         self._expiring = asyncio.Lock()
         self._purging = asyncio.Lock()
+        self._reminding = asyncio.Lock()
         self.retention = Retention(self.database, settings.retention.raw_message_days)
         self._stopping = False
         self.web: Any = None
@@ -134,6 +138,17 @@ class App:
             coalesce=True,
             misfire_grace_time=None,
         )
+        if self.settings.queue.staff_addresses:
+            self.scheduler.add_job(
+                self.remind_staff,
+                "interval",
+                seconds=REMIND_CHECK_SECONDS,
+                next_run_time=datetime.now(UTC),
+                id="remind",
+                max_instances=2,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
         if self.settings.retention.raw_message_days > 0:
             self.scheduler.add_job(
                 self.purge_raw_messages,
@@ -172,7 +187,13 @@ class App:
         # cancelled while its database work goes on in a thread would leave that work (and its
         # connection) behind.
         self._stopping = True
-        async with self._delivering, self._executing, self._expiring, self._purging:
+        async with (
+            self._delivering,
+            self._executing,
+            self._expiring,
+            self._purging,
+            self._reminding,
+        ):
             pass  # the attempts in hand are finished and recorded
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
@@ -224,6 +245,19 @@ class App:
                 return
         if expired:
             log.info("%d pending request(s) expired", expired)
+
+    async def remind_staff(self) -> None:
+        """The scheduler's reminder job: the staff digest of requests waiting too long."""
+        if self._stopping or self._reminding.locked():
+            return
+        async with self._reminding:
+            try:
+                sent = await asyncio.to_thread(self.executor.decisions.remind_staff)
+            except Exception:
+                log.exception("reminding the staff failed; trying again at the next run")
+                return
+        if sent:
+            log.info("reminder of waiting requests queued for %d staff address(es)", sent)
 
     async def purge_raw_messages(self) -> None:
         """The scheduler's retention job: raw messages past their age become headers only."""

@@ -358,6 +358,9 @@ class QueueSettings:
     expire_after_days: float = _key(7.0, _positive_float, "float")
     owner_notices_per_day: int = _key(1, _positive_int, "int")
     expire_check_seconds: float = _key(60.0, _positive_float, "float")
+    staff_addresses: tuple[str, ...] = _key((), _list_of(_address), "list")
+    remind_after_hours: float = _key(24.0, _positive_float, "float")
+    remind_every_hours: float = _key(24.0, _positive_float, "float")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,7 @@ from mailproc.models import (
     ApprovalVote,
     ExecutionState,
     Message,
+    OutboxEntry,
     RequestState,
     ResetExecution,
     ResetRequest,
@@ -489,3 +490,69 @@ class DecisionService:
                 self._reply(session, request, "request_expired", expire_days=days)
                 expired += 1
         return expired
+
+    def remind_staff(self, now: datetime | None = None, shown: int = 50) -> int:
+        """Send ``[queue] staff_addresses`` a digest of the requests waiting longer than
+        ``remind_after_hours``, unless one went out in the last ``remind_every_hours``; returns
+        how many digests were queued. One instance at a time decides (a lock per database)."""
+        queue = self.settings.queue
+        if not queue.staff_addresses:
+            return 0
+        now = now or utcnow()
+        older = now - timedelta(hours=queue.remind_after_hours)
+        base = self.settings.web.base_url.rstrip("/")
+        sent = 0
+        with self.db.writing() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-remind'))"))
+            waiting = (
+                select(ResetRequest)
+                .where(ResetRequest.state == RequestState.PENDING, ResetRequest.created_at < older)
+                .order_by(ResetRequest.created_at)
+            )
+            count = session.execute(
+                select(func.count()).select_from(waiting.subquery())
+            ).scalar_one()
+            if not count:
+                return 0
+            votes = dict(
+                session.execute(
+                    select(ApprovalVote.request_id, func.count()).group_by(ApprovalVote.request_id)
+                ).all()
+            )
+            rows = [
+                {
+                    "reference": r.reference,
+                    "email": r.email,
+                    "waiting_hours": int((now - r.created_at).total_seconds() // 3600),
+                    "risk_flags": list(r.risk_flags),
+                    "votes": votes.get(r.id, 0),
+                    "url": f"{base}/requests/{r.id}",
+                }
+                for r in session.scalars(waiting.limit(shown))
+            ]
+            for address in queue.staff_addresses:
+                recent = session.execute(
+                    select(func.count())
+                    .select_from(OutboxEntry)
+                    .where(
+                        OutboxEntry.template == "staff_reminder",
+                        OutboxEntry.recipient == address,
+                        OutboxEntry.created_at > now - timedelta(hours=queue.remind_every_hours),
+                    )
+                ).scalar_one()
+                if recent:
+                    continue
+                self.outbox.reply(
+                    session,
+                    template="staff_reminder",
+                    to=address,
+                    context={
+                        "requests": rows,
+                        "count": count,
+                        "older_than_hours": round(queue.remind_after_hours),
+                        "console_url": f"{base}/",
+                    },
+                )
+                sent += 1
+        return sent

@@ -35,6 +35,7 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "request_denied",
     "request_expired",
     "request_cancelled",
+    "staff_reminder",
 )
 
 # What every template receives, and what each one receives on top.
@@ -55,6 +56,7 @@ TEMPLATE_VARIABLES: Mapping[str, tuple[str, ...]] = {
     "request_denied": ("reference", "reason"),
     "request_expired": ("reference", "expire_days"),
     "request_cancelled": ("reference", "cancelled_by"),
+    "staff_reminder": ("requests", "count", "older_than_hours", "console_url"),
 }
 
 SHIPPED_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -257,6 +259,21 @@ class Templates:
             },
             "request_expired": {"reference": "R-1042", "expire_days": 7},
             "request_cancelled": {"reference": "R-1042", "cancelled_by": "owner"},
+            "staff_reminder": {
+                "requests": [
+                    {
+                        "reference": "R-1042",
+                        "email": "alice@example.org",
+                        "waiting_hours": 30,
+                        "risk_flags": ["first_contact"],
+                        "votes": 1,
+                        "url": "https://support.example.com/requests/1042",
+                    }
+                ],
+                "count": 1,
+                "older_than_hours": 24,
+                "console_url": "https://support.example.com/",
+            },
         }
         return {**common, **extra[name]}
 
@@ -270,6 +287,9 @@ class Templates:
             yield {**sample, "cancelled_by": "staff"}
         if name == "request_denied":
             yield {**sample, "reason": ""}
+        if name == "staff_reminder":
+            many = [{**sample["requests"][0], "risk_flags": [], "votes": 0}] * 3
+            yield {**sample, "requests": many, "count": 12}
         yield {**sample, "original_subject": ""}
 
     def check(self) -> None:

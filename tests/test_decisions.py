@@ -567,3 +567,34 @@ def test_pending_requests_past_their_expiry_expire_with_the_owners_reply(
     assert reply.recipient == ALICE.email
     with pytest.raises(InvalidState, match="is expired by mailproc"):
         decisions.approve(stale, "alice", "verified")
+
+
+def test_staff_get_a_digest_of_requests_waiting_too_long(
+    database: db.Database, database_url: str, agents: AgentService
+) -> None:
+    staff = {"queue": {"staff_addresses": ["team@example.com"], "remind_after_hours": 24}}
+    decisions = service(database, database_url, **staff)
+    assert service(database, database_url).remind_staff() == 0  # no staff addresses: nothing
+    old = request(database, database_url, flags=["first_contact"])
+    young = request(database, database_url, account=Account("43", "bob@example.net", None, None))
+    with database.writing() as session:
+        session.execute(
+            update(ResetRequest)
+            .where(ResetRequest.id == old)
+            .values(created_at=utcnow() - timedelta(hours=30))
+        )
+    now = utcnow()
+    assert decisions.remind_staff(now) == 1
+    [digest] = replies(database, "staff_reminder")
+    assert digest.recipient == "team@example.com"
+    text = text_of(digest)
+    detail = RequestService(database).get(old).request
+    assert detail.reference in text
+    assert f"/requests/{old}" in text
+    assert "first_contact" in text
+    assert RequestService(database).get(young).request.reference not in text
+    assert decisions.remind_staff(now + timedelta(hours=1)) == 0  # once every remind_every_hours
+    assert decisions.remind_staff(now + timedelta(hours=25)) == 1
+    decisions.deny(old, "alice", "no")
+    decisions.deny(young, "alice", "no")
+    assert decisions.remind_staff(now + timedelta(hours=50)) == 0  # nothing waits

@@ -32,6 +32,7 @@ SHOWN = {
     "request_denied": ("reference", "reason"),
     "request_expired": ("reference",),
     "request_cancelled": ("reference",),
+    "staff_reminder": ("count", "console_url"),
 }
 IN_SUBJECT = {
     "request_received",
