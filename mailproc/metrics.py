@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -28,6 +28,33 @@ from mailproc.models import (
 )
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# This process's own counters (the listener's), kept for the life of the process.
+PROCESS = CollectorRegistry(auto_describe=True)
+SMTP_MESSAGES = Counter(
+    "mailproc_smtp_messages",
+    "Messages offered over SMTP/LMTP by outcome: stored (250), temporary_failure (451, our "
+    "fault, the sender retries), shutting_down (421).",
+    ["outcome"],
+    registry=PROCESS,
+)
+SMTP_RECIPIENTS_REFUSED = Counter(
+    "mailproc_smtp_recipients_refused",
+    "RCPT TO refused (550): not one of [smtp] support_addresses, or bad syntax.",
+    registry=PROCESS,
+)
+SMTP_SESSIONS = Counter(
+    "mailproc_smtp_sessions",
+    "SMTP/LMTP connections by result: accepted, or refused (too many, shutting down).",
+    ["result"],
+    registry=PROCESS,
+)
+# Bound once: the listener counts every message and session without a label lookup.
+STORED = SMTP_MESSAGES.labels("stored")
+TEMPORARY_FAILURE = SMTP_MESSAGES.labels("temporary_failure")
+SHUTTING_DOWN = SMTP_MESSAGES.labels("shutting_down")
+SESSION_ACCEPTED = SMTP_SESSIONS.labels("accepted")
+SESSION_REFUSED = SMTP_SESSIONS.labels("refused")
 _WEEK = timedelta(days=7)
 
 
@@ -107,6 +134,16 @@ class DatabaseCollector(Collector):
                 outbox.add_metric([outbox_state.value], counts.get(outbox_state.value, 0))
             yield outbox
 
+            deferrals = GaugeMetricFamily(
+                "mailproc_message_deferrals",
+                "Times messages had to wait on DNS or the account directory (temporary errors).",
+            )
+            total = session.execute(
+                select(func.coalesce(func.sum(Message.deferrals), 0))
+            ).scalar_one()
+            deferrals.add_metric([], float(total))
+            yield deferrals
+
             resets = GaugeMetricFamily(
                 "mailproc_reset_executions",
                 "Executions of approved resets by state.",
@@ -140,5 +177,5 @@ class Metrics:
             self.registry.register(ProcessCollector(open_sessions))
 
     def render(self) -> bytes:
-        data: bytes = generate_latest(self.registry)
+        data: bytes = generate_latest(self.registry) + generate_latest(PROCESS)
         return data

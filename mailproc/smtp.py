@@ -18,6 +18,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from mailproc import metrics
 from mailproc.addresses import AddressError, normalize_address
 from mailproc.config import IPNetwork, SmtpSettings
 from mailproc.intake import Arrival, GroupCommitter, IntakeClosed
@@ -188,8 +189,10 @@ class Handler(_HookNames):
             try:
                 normalized = normalize_address(address)
             except AddressError:
+                metrics.SMTP_RECIPIENTS_REFUSED.inc()
                 return "550 5.1.3 Bad recipient address syntax"
         if normalized not in self.support:
+            metrics.SMTP_RECIPIENTS_REFUSED.inc()
             return f"550 5.1.1 <{address}>: recipient not handled here"
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return "452 4.5.3 Too many recipients"
@@ -202,10 +205,13 @@ class Handler(_HookNames):
         try:
             message_id = await self.intake.store(arrival)
         except IntakeClosed:
+            metrics.SHUTTING_DOWN.inc()
             return server.data_reply(SHUTTING_DOWN)
         except Exception:
             log.exception("storing a message from %s failed", arrival.peer_ip)
+            metrics.TEMPORARY_FAILURE.inc()
             return server.data_reply(TEMP_FAILURE)
+        metrics.STORED.inc()
         log.info(
             "stored message %d from %s (%d bytes, %d recipient(s))",
             message_id,
@@ -302,6 +308,7 @@ class SMTPProtocol(_HookNames, SMTP):
             super().connection_made(transport)
             return
         if not self.connections.add(self):
+            metrics.SESSION_REFUSED.inc()
             self._refused = True
             reply = (
                 SHUTTING_DOWN
@@ -312,6 +319,7 @@ class SMTPProtocol(_HookNames, SMTP):
             transport.write(reply.encode("ascii") + b"\r\n")
             transport.close()
             return
+        metrics.SESSION_ACCEPTED.inc()
         super().connection_made(transport)
         self._session_timer = self.loop.call_later(
             self.settings.session_timeout_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import smtplib
 from collections.abc import Iterator
 
 import httpx
@@ -66,3 +67,19 @@ def test_metrics_report_messages_requests_and_sessions(app: AppThread, database_
     assert ("mailproc_reset_executions", (("state", "failed"),)) in values
     assert values[("mailproc_smtp_sessions_open", ())] == 0
     assert any(name == "mailproc_verdicts" for name, _ in values)
+    assert values[("mailproc_message_deferrals", ())] >= 0
+    stored = values[("mailproc_smtp_messages_total", (("outcome", "stored"),))]
+    accepted = values[("mailproc_smtp_sessions_total", (("result", "accepted"),))]
+    refused = values.get(("mailproc_smtp_recipients_refused_total", ()), 0.0)
+    assert stored >= 1
+    assert accepted >= 1
+    # One more message, and one recipient refused: the counters move by exactly that.
+    send(app.port, make_message())
+    with smtplib.SMTP("127.0.0.1", app.port) as client:
+        client.ehlo("client.example.org")
+        client.mail("alice@example.org")
+        assert client.rcpt("nobody@example.net")[0] == 550
+    after = samples(get(app, "/metrics").text)
+    assert after[("mailproc_smtp_messages_total", (("outcome", "stored"),))] == stored + 1
+    assert after[("mailproc_smtp_sessions_total", (("result", "accepted"),))] == accepted + 2
+    assert after[("mailproc_smtp_recipients_refused_total", ())] == refused + 1
