@@ -460,10 +460,10 @@ class DecisionService:
 
     # -- what the scheduler does -------------------------------------------------------------
 
-    def expire_due(self, limit: int = 100) -> int:
+    def expire_due(self, limit: int = 100, now: datetime | None = None) -> int:
         """Expire pending requests past their expiry, each with its audit event and the
         owner's reply; returns how many. Safe on several instances at once (``SKIP LOCKED``)."""
-        now = utcnow()
+        now = now or utcnow()
         expired = 0
         with self.db.writing() as session:
             due = session.scalars(
