@@ -12,7 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from mailproc.db import Database
 from mailproc.models import (
@@ -56,6 +56,18 @@ SHUTTING_DOWN = SMTP_MESSAGES.labels("shutting_down")
 SESSION_ACCEPTED = SMTP_SESSIONS.labels("accepted")
 SESSION_REFUSED = SMTP_SESSIONS.labels("refused")
 _WEEK = timedelta(days=7)
+# The verdict's reasons are a short, fixed vocabulary (codes such as from_comment, or "no
+# aligned DKIM pass, ..."), so they make bounded label values.
+_REASONS = {
+    "postgresql": text(
+        "SELECT r, count(*) FROM message, jsonb_array_elements_text(verdict->'reasons') AS r "
+        "WHERE authenticated IS false GROUP BY r"
+    ),
+    "sqlite": text(
+        "SELECT j.value, count(*) FROM message, json_each(message.verdict, '$.reasons') AS j "
+        "WHERE message.authenticated = 0 GROUP BY j.value"
+    ),
+}
 
 
 def _counts(session: Any, column: Any) -> dict[str, int]:
@@ -91,6 +103,16 @@ class DatabaseCollector(Collector):
             ):
                 verdicts.add_metric([str(strength)], count)
             yield verdicts
+
+            reasons = GaugeMetricFamily(
+                "mailproc_unauthenticated_reasons",
+                "Why processed messages were not authenticated, by reason (a message may have "
+                "several).",
+                labels=["reason"],
+            )
+            for reason, count in session.execute(_REASONS[session.get_bind().dialect.name]):
+                reasons.add_metric([str(reason)], count)
+            yield reasons
 
             requests = GaugeMetricFamily(
                 "mailproc_requests", "Reset requests by state.", labels=["state"]

@@ -68,6 +68,16 @@ def test_metrics_report_messages_requests_and_sessions(app: AppThread, database_
     assert values[("mailproc_smtp_sessions_open", ())] == 0
     assert any(name == "mailproc_verdicts" for name, _ in values)
     assert values[("mailproc_message_deferrals", ())] >= 0
+    # make_message() is unsigned: not authenticated, and the reason says why.
+    assert (
+        values[
+            (
+                "mailproc_unauthenticated_reasons",
+                (("reason", "no aligned DKIM pass, aligned SPF pass or trusted ARC chain"),),
+            )
+        ]
+        >= 1
+    )
     stored = values[("mailproc_smtp_messages_total", (("outcome", "stored"),))]
     accepted = values[("mailproc_smtp_sessions_total", (("result", "accepted"),))]
     refused = values.get(("mailproc_smtp_recipients_refused_total", ()), 0.0)
