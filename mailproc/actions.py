@@ -42,7 +42,7 @@ from mailproc.models import (
     ResetRequest,
     utcnow,
 )
-from mailproc.requests import audit
+from mailproc.requests import audit, lock_audit_log
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,7 @@ class ResetExecutor:
                 error = f"gave up after {job.attempts} attempts: {error}"
             values |= {"next_attempt_at": None, "last_error": error, "finished_at": now}
         with self.db.writing() as session:
+            lock_audit_log(session.connection())  # before any row lock (see lock_audit_log)
             result = session.execute(self._held(job).values(state=state, **values))
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 log.warning(
@@ -343,8 +344,11 @@ class ResetExecutor:
             jobs = await asyncio.to_thread(self.claim_due)
             if not jobs:
                 break
+            # As for replies: only while half the lease is left, so that no claim runs out
+            # under a slow application and another instance carries out the same reset.
+            start_by = time.monotonic() + self.lease.total_seconds() / 2
             for index, job in enumerate(jobs):
-                if stop():
+                if stop() or time.monotonic() > start_by:
                     await asyncio.to_thread(self.release, jobs[index:])
                     break
                 outcome: Exception | str

@@ -156,6 +156,9 @@ def upgrade(database: Database, revision: str = "head") -> None:
     """Apply migrations up to ``revision`` (by default all of them)."""
     config = alembic_config()
     with database.engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Instances starting together on one database migrate one after the other.
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('mailproc-migrate'))")
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -28,7 +28,7 @@ from mailproc.models import (
     utcnow,
 )
 from mailproc.outbox import Outbox, Source
-from mailproc.requests import MAX_ID, SYSTEM, audit
+from mailproc.requests import MAX_ID, SYSTEM, audit, lock_audit_log
 
 NOTE_MAX_LENGTH = 2000
 
@@ -76,6 +76,7 @@ class DecisionService:
     def _request(session: Session, request_id: int) -> ResetRequest:
         if not 0 < request_id < MAX_ID:
             raise NotFound(f"request {request_id} not found")
+        lock_audit_log(session.connection())
         request = session.get(ResetRequest, request_id, with_for_update=True)
         if request is None:
             raise NotFound(f"request {request_id} not found")
@@ -466,6 +467,7 @@ class DecisionService:
         now = now or utcnow()
         expired = 0
         with self.db.writing() as session:
+            lock_audit_log(session.connection())
             due = session.scalars(
                 select(ResetRequest)
                 .where(

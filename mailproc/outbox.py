@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -267,7 +268,11 @@ class Outbox:
     ) -> str | None:
         bind = session.get_bind() if isinstance(session, Session) else session
         if bind.dialect.name == "postgresql":
-            # Serialise replies to one address across instances, so the count below holds.
+            # Serialise replies to one address across instances, so the count below holds. The
+            # audit log's lock first: every transaction that writes a reply also writes audit
+            # events, and taking the two in one order everywhere is what keeps two workers
+            # from waiting on each other (a deadlock PostgreSQL would break by failing one).
+            session.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
             session.execute(
                 text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
                 {"key": f"mailproc-reply:{recipient}"},
@@ -561,14 +566,17 @@ class OutboxSender:
 
     async def run_once(self, stop: Callable[[], bool] = lambda: False) -> int:
         """Deliver everything due now, until ``stop()`` turns true (the claims not begun are
-        taken again when their lease runs out); returns how many attempts were made."""
+        given back); returns how many attempts were made. An attempt starts only while at
+        least half the batch's lease is left, so that no claim runs out under a slow relay
+        and another instance sends the same reply: the rest is given back and claimed anew."""
         attempts = 0
         while not stop():
             deliveries = await asyncio.to_thread(self.claim_due)
             if not deliveries:
                 break
+            start_by = time.monotonic() + self.lease.total_seconds() / 2
             for index, delivery in enumerate(deliveries):
-                if stop():
+                if stop() or time.monotonic() > start_by:
                     await asyncio.to_thread(self.release, deliveries[index:])
                     break
                 outcome: Exception | str

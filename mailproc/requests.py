@@ -82,6 +82,15 @@ def _event_fields(
     }
 
 
+def lock_audit_log(connection: Connection) -> None:
+    """Take the audit log's append lock now (PostgreSQL; held to the end of the transaction).
+    A transaction that will lock request or execution rows and then write an audit event
+    takes it first: the workers hold it while they lock request rows, so the other order
+    could make two transactions wait on each other."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
+
+
 def audit(
     connection: Connection,
     request_id: int | None,
@@ -96,9 +105,8 @@ def audit(
     message_id: int | None = None,
 ) -> None:
     """Append one event to the chained audit log, in the caller's transaction."""
-    if connection.dialect.name == "postgresql":
-        # One appender at a time, so that every event follows exactly the one before it.
-        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
+    # One appender at a time, so that every event follows exactly the one before it.
+    lock_audit_log(connection)
     prev_hash = (
         connection.execute(
             select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
