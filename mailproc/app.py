@@ -7,8 +7,9 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -26,6 +27,7 @@ from mailproc.smtp import Connections, protocol_factory
 from mailproc.worker import WorkerProcesses, new_worker_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # How often serve looks whether a staff reminder is due ([queue] remind_every_hours says how
 # often one goes out).
 REMIND_CHECK_SECONDS = 300
@@ -58,11 +60,9 @@ class App:
         self.sender = OutboxSender(settings, self.database, instance)
         self.executor = ResetExecutor(settings, self.database, instance)
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self._delivering = asyncio.Lock()
-        self._executing = asyncio.Lock()
-        self._expiring = asyncio.Lock()
-        self._purging = asyncio.Lock()
-        self._reminding = asyncio.Lock()
+        # One lock per scheduled job: a run still going when the next is due makes that one
+        # return at once, and stop() waits for the run in hand.
+        self._job_locks: dict[str, asyncio.Lock] = {}
         self.retention = Retention(self.database, settings.retention.raw_message_days)
         self._stopping = False
         self.web: Any = None
@@ -106,59 +106,15 @@ class App:
             self.web_port = self.web.port
         if self.worker.count:
             self.worker.start()
-        self.scheduler.add_job(
-            self.deliver_outbox,
-            "interval",
-            seconds=self.settings.outbound.poll_interval_seconds,
-            next_run_time=datetime.now(UTC),
-            id="outbox",
-            # A run still sending when the next is due: that one returns at once (see
-            # deliver_outbox), rather than APScheduler warning about it at every interval.
-            max_instances=2,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        self.scheduler.add_job(
-            self.execute_resets,
-            "interval",
-            seconds=self.settings.reset.poll_interval_seconds,
-            next_run_time=datetime.now(UTC),
-            id="reset",
-            max_instances=2,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        self.scheduler.add_job(
-            self.expire_requests,
-            "interval",
-            seconds=self.settings.queue.expire_check_seconds,
-            next_run_time=datetime.now(UTC),
-            id="expire",
-            max_instances=2,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        if self.settings.queue.staff_addresses:
-            self.scheduler.add_job(
-                self.remind_staff,
-                "interval",
-                seconds=REMIND_CHECK_SECONDS,
-                next_run_time=datetime.now(UTC),
-                id="remind",
-                max_instances=2,
-                coalesce=True,
-                misfire_grace_time=None,
-            )
-        if self.settings.retention.raw_message_days > 0:
-            self.scheduler.add_job(
-                self.purge_raw_messages,
-                "interval",
-                seconds=self.settings.retention.check_interval_seconds,
-                next_run_time=datetime.now(UTC),
-                id="retention",
-                max_instances=2,
-                coalesce=True,
-                misfire_grace_time=None,
+        settings = self.settings
+        self._every(settings.outbound.poll_interval_seconds, "outbox", self.deliver_outbox)
+        self._every(settings.reset.poll_interval_seconds, "reset", self.execute_resets)
+        self._every(settings.queue.expire_check_seconds, "expire", self.expire_requests)
+        if settings.queue.staff_addresses:
+            self._every(REMIND_CHECK_SECONDS, "remind", self.remind_staff)
+        if settings.retention.raw_message_days > 0:
+            self._every(
+                settings.retention.check_interval_seconds, "retention", self.purge_raw_messages
             )
         self.scheduler.start()
         if self.web_port is not None:
@@ -187,14 +143,9 @@ class App:
         # cancelled while its database work goes on in a thread would leave that work (and its
         # connection) behind.
         self._stopping = True
-        async with (
-            self._delivering,
-            self._executing,
-            self._expiring,
-            self._purging,
-            self._reminding,
-        ):
-            pass  # the attempts in hand are finished and recorded
+        for lock in self._job_locks.values():
+            async with lock:
+                pass  # the attempt in hand is finished and recorded
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.executor.close()
@@ -212,64 +163,72 @@ class App:
     def open_sessions(self) -> int:
         return len(self.connections.open)
 
+    def _every(self, seconds: float, job_id: str, job: Callable[[], Awaitable[None]]) -> None:
+        self._job_locks[job_id] = asyncio.Lock()
+        self.scheduler.add_job(
+            job,
+            "interval",
+            seconds=seconds,
+            next_run_time=datetime.now(UTC),
+            id=job_id,
+            # A run still going when the next is due: that one returns at once (see _guarded),
+            # rather than APScheduler warning about it at every interval.
+            max_instances=2,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+
+    async def _guarded(self, job_id: str, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one job's work unless we are stopping or its last run is still going. A failure
+        (the database is away, say) loses nothing: it is logged and the next run tries again."""
+        lock = self._job_locks[job_id]
+        if self._stopping or lock.locked():
+            return None
+        async with lock:
+            try:
+                return await call()
+            except Exception:
+                log.exception("%s failed; trying again at the next run", what)
+                return None
+
     async def deliver_outbox(self) -> None:
         """The scheduler's outbox job: deliver every reply that is due."""
-        if self._stopping or self._delivering.locked():
-            return
-        async with self._delivering:
-            try:
-                await self.sender.run_once(stop=lambda: self._stopping)
-            except Exception:
-                # The database is away, say: nothing is lost, the next run tries again.
-                log.exception("outbox delivery failed; trying again at the next run")
+        await self._guarded(
+            "outbox", "outbox delivery", lambda: self.sender.run_once(stop=lambda: self._stopping)
+        )
 
     async def execute_resets(self) -> None:
         """The scheduler's reset job: carry out every approved reset that is due."""
-        if self._stopping or self._executing.locked():
-            return
-        async with self._executing:
-            try:
-                await self.executor.run_once(stop=lambda: self._stopping)
-            except Exception:
-                log.exception("carrying out resets failed; trying again at the next run")
+        await self._guarded(
+            "reset",
+            "carrying out resets",
+            lambda: self.executor.run_once(stop=lambda: self._stopping),
+        )
 
     async def expire_requests(self) -> None:
         """The scheduler's expiry job: pending requests past their expiry become expired."""
-        if self._stopping or self._expiring.locked():
-            return
-        async with self._expiring:
-            try:
-                expired = await asyncio.to_thread(self.executor.decisions.expire_due)
-            except Exception:
-                log.exception("expiring requests failed; trying again at the next run")
-                return
+        decisions = self.executor.decisions
+        expired = await self._guarded(
+            "expire", "expiring requests", lambda: asyncio.to_thread(decisions.expire_due)
+        )
         if expired:
             log.info("%d pending request(s) expired", expired)
 
     async def remind_staff(self) -> None:
         """The scheduler's reminder job: the staff digest of requests waiting too long."""
-        if self._stopping or self._reminding.locked():
-            return
-        async with self._reminding:
-            try:
-                sent = await asyncio.to_thread(self.executor.decisions.remind_staff)
-            except Exception:
-                log.exception("reminding the staff failed; trying again at the next run")
-                return
+        decisions = self.executor.decisions
+        sent = await self._guarded(
+            "remind", "reminding the staff", lambda: asyncio.to_thread(decisions.remind_staff)
+        )
         if sent:
             log.info("reminder of waiting requests queued for %d staff address(es)", sent)
 
     async def purge_raw_messages(self) -> None:
         """The scheduler's retention job: raw messages past their age become headers only."""
-        if self._stopping or self._purging.locked():
-            return
-        async with self._purging:
-            try:
-                report = await asyncio.to_thread(self.retention.purge)
-            except Exception:
-                log.exception("retention failed; trying again at the next run")
-                return
-        if report.messages:
+        report = await self._guarded(
+            "retention", "retention", lambda: asyncio.to_thread(self.retention.purge)
+        )
+        if report is not None and report.messages:
             log.info(
                 "retention: raw bytes of %d messages replaced by their headers (%d -> %d bytes)",
                 report.messages,
