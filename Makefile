@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint typecheck pytest bench migration format clean
+.PHONY: run test test-reliability lint typecheck pytest bench migration format clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "mailproc needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -44,6 +44,11 @@ typecheck: $(DEV_STAMP)
 
 pytest: $(DEV_STAMP)
 	$(BIN)/pytest
+
+## test-reliability: crashes under load, DNS/relay/webhook/database outages, malformed mail, SMTP abuse
+test-reliability: $(DEV_STAMP)
+	tests/ensure_postgres.sh
+	$(BIN)/pytest tests/reliability
 
 ## bench: intake against a bare aiosmtpd sink, verification against bare dkim.verify, console pages with 100,000 requests
 bench: $(DEV_STAMP)

@@ -192,3 +192,15 @@ def server_process(tmp_path: Path, database_url: str) -> Iterator[ServerProcess]
 
 def pg_database_name(url: str) -> str:
     return str(make_url(url).database)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability suite's counts (sent, accepted, decided, lost, duplicated), one line per
+    test, whatever the capture setting."""
+    from tests.reliability.counts import summary
+
+    lines = summary(terminalreporter.config)
+    if lines:
+        terminalreporter.section("reliability counts")
+        for line in lines:
+            terminalreporter.write_line(line)
