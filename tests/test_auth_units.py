@@ -4,6 +4,7 @@ between "no record" and "could not find out", and the check command."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -96,6 +97,24 @@ def test_resolver_caches_answers_within_their_ttl() -> None:
         for _ in range(3):
             assert resolver.txt("cached.example") == [b"v=spf1 -all"]
         assert server.queries.count(("cached.example", "TXT")) == 1
+
+
+def test_resolver_asks_again_once_the_ttl_has_passed_and_keeps_its_size() -> None:
+    with ZoneServer(ttl=1, negative_ttl=1) as server:
+        server.add_txt("short.example", "first")
+        resolver = Resolver(
+            DnsSettings(nameservers=(server.address,), timeout_seconds=0.5, cache_size=2)
+        )
+        assert resolver.txt("short.example") == [b"first"]
+        server.remove("short.example")
+        server.add_txt("short.example", "second")
+        assert resolver.txt("short.example") == [b"first"]  # within the TTL
+        time.sleep(1.1)
+        assert resolver.txt("short.example") == [b"second"]
+        assert server.queries.count(("short.example", "TXT")) == 2
+        for name in ("a.example", "b.example", "c.example"):
+            resolver.txt(name)
+        assert len(resolver._answers) <= 2
 
 
 def test_a_broken_check_fails_closed(zone: ZoneServer, monkeypatch: pytest.MonkeyPatch) -> None:

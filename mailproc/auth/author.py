@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from email import policy
 from email.errors import HeaderParseError
 
 from mailproc.addresses import AddressError, normalize_address
-from mailproc.message import ParsedMessage, decoded_text
+from mailproc.message import FROM_HEADER_CLASS, ParsedMessage, decoded_text
 
 # Parse defects that make the header block ambiguous; MIME body defects are DKIM's business.
 FATAL_DEFECT_PREFIXES = (
@@ -115,9 +114,11 @@ def _display_name(display: str, reasons: list[str]) -> str:
     return decoded.strip()
 
 
-def _email_package_addresses(value: str) -> list[str] | None:
+def _email_package_addresses(parsed: ParsedMessage, value: str) -> list[str] | None:
+    if parsed.from_parsed and parsed.from_header == value:
+        return parsed.from_addresses  # read by the email package in parse_message already
     try:
-        header = policy.default.header_factory("From", value)
+        header = FROM_HEADER_CLASS("From", value)
     except (HeaderParseError, IndexError, ValueError, TypeError, RecursionError):
         return None
     return [a.addr_spec for a in getattr(header, "addresses", ())]
@@ -154,7 +155,7 @@ def identify_author(parsed: ParsedMessage, wire_flags: list[str]) -> Author:
         except AddressError:
             reasons.append("from_display_name_shows_another_address")
             break
-    others = _email_package_addresses(value)
+    others = _email_package_addresses(parsed, value)
     if others is None or len(others) != 1 or others[0].lower() != addr_spec.lower():
         reasons.append("from_parsers_disagree")
         return author
