@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import smtplib
+import socket
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
 
+from mailproc.web.server import WebServer
 from tests.support import AppThread, make_message, send, stored_id, wait_for
 from tests.test_decisions import request as open_request
 
@@ -93,3 +97,27 @@ def test_metrics_report_messages_requests_and_sessions(app: AppThread, database_
     assert after[("mailproc_smtp_messages_total", (("outcome", "stored"),))] == stored + 1
     assert after[("mailproc_smtp_sessions_total", (("result", "accepted"),))] == accepted + 2
     assert after[("mailproc_smtp_recipients_refused_total", ())] == refused + 1
+
+
+def test_console_connections_send_without_delay() -> None:
+    """The console's listening socket says it is TCP, so asyncio turns Nagle's algorithm off on
+    every connection it accepts; otherwise each answer on a kept-alive connection after the
+    first would wait for the browser's delayed ACK (about 40 ms)."""
+
+    async def accepted_nodelay() -> int:
+        server = WebServer.bind(Starlette(), "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        client = socket.create_connection(("127.0.0.1", server.port))
+        try:
+            connection, _ = await loop.sock_accept(server.sock)
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, connection)
+            try:
+                return connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            finally:
+                transport.close()
+                await asyncio.sleep(0)
+        finally:
+            client.close()
+            server.sock.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0

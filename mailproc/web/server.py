@@ -40,7 +40,10 @@ class WebServer:
     def bind(cls, app: ASGIApp, host: str, port: int) -> WebServer:
         """Bind now, so that an address in use stops serve at start with a clear error."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left to the default 0: asyncio sets TCP_NODELAY only on
+        # sockets that say they are TCP, and without it every answer on a kept-alive
+        # connection after the first waits ~40 ms (Nagle's algorithm and delayed ACKs).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
