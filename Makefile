@@ -50,11 +50,9 @@ test-reliability: $(DEV_STAMP)
 	tests/ensure_postgres.sh
 	$(BIN)/pytest tests/reliability
 
-## bench: intake against a bare aiosmtpd sink, verification against bare dkim.verify, console pages with 100,000 requests
+## bench: intake, end to end, scaling, memory, verification and console pages, each against its baseline; writes bench/results.json and bench/results.png
 bench: $(DEV_STAMP)
-	$(BIN)/python -m bench.intake
-	$(BIN)/python -m bench.verify
-	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench
 
 ## migration: generate a migration from the models (MSG="what changed")
 migration: $(DEV_STAMP)
