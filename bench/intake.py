@@ -66,6 +66,7 @@ STOP_GRACE = 45.0
 IDLE_TIMEOUT = 300.0
 SETTLE_SECONDS = 1.0
 IDLE_PROBE_SECONDS = 0.5
+IDLE_PROBES = 4
 IDLE_CPUS = 0.05
 RETRY_PAUSE = 0.05
 NOISY_CPUS = 0.10
@@ -760,6 +761,8 @@ def wait_worker_idle(database: Path, pid: int, timeout: float = IDLE_TIMEOUT) ->
     messages left waiting for something else (a retry time); returns the wait and what is left.
     Idle means ``pid`` and its worker processes together use almost no CPU."""
     start = time.monotonic()
+    quiet = 0
+    last_waiting = -1
     while True:
         waiting: int = _query(
             database,
@@ -775,7 +778,11 @@ def wait_worker_idle(database: Path, pid: int, timeout: float = IDLE_TIMEOUT) ->
             and after is not None
             and (after - before) / IDLE_PROBE_SECONDS < IDLE_CPUS
         )
-        if idle:
+        # Several quiet probes in a row with nothing taken meanwhile: one quiet probe may be
+        # a worker resting between batches (it gives way to intake after a long batch).
+        quiet = quiet + 1 if idle and waiting == last_waiting else 0
+        last_waiting = waiting
+        if quiet >= IDLE_PROBES:
             return WorkerIdle(time.monotonic() - start, waiting)
         if time.monotonic() - start > timeout:
             raise RuntimeError(f"mailproc's worker still has {waiting} messages after {timeout}s")
