@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,14 +49,42 @@ def _sqlite_setup(engine: Engine, durable: bool, busy_timeout_ms: int = 10000) -
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# What PostgreSQL's jsonb cannot hold: NUL, and a surrogate code point (never valid alone).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(item) for item in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """JSON for a JSON column, on every backend alike. Parsed headers, bodies and evidence can
+    hold NUL or a lone surrogate (a body in charset unicode_escape, say), which jsonb refuses
+    and would fail the whole transaction: they are stored as U+FFFD. The raw bytes keep the
+    original."""
+    text = json.dumps(value)
+    # json.dumps writes both as \u escapes; the look is cheap, the rewrite rarely needed.
+    if "\\u0000" in text or "\\ud" in text:
+        text = json.dumps(_storable(value))
+    return text
+
+
 def create_db_engine(url: str, durable: bool = True, wait_for_lock: bool = True) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         timeout = 10 if wait_for_lock else 0
-        engine = create_engine(url, connect_args={"timeout": timeout})
+        engine = create_engine(url, connect_args={"timeout": timeout}, json_serializer=json_text)
         _sqlite_setup(engine, durable, busy_timeout_ms=timeout * 1000)
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    engine = create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=10, json_serializer=json_text
+    )
     if not durable:
 
         @event.listens_for(engine, "connect")

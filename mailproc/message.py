@@ -151,7 +151,7 @@ def _from_fields(parsed: ParsedMessage) -> None:
         return
     try:
         header = FROM_HEADER_CLASS("From", values[0])
-    except (HeaderParseError, IndexError, ValueError, TypeError, RecursionError):
+    except (HeaderParseError, IndexError, ValueError, TypeError, AttributeError, RecursionError):
         parsed.defects.append("unparseable_from")
         return
     groups = getattr(header, "groups", ())

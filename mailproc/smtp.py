@@ -423,7 +423,15 @@ class SMTPProtocol(_HookNames, SMTP):
         size = 0
         problem: str | None = None
         limit = self.data_size_limit
+        # The command timeout limits idling, not the whole transfer (RFC 5321 4.5.3.2.6 times
+        # each block sent): a slow but steady sender gets to finish, within the session's time
+        # limit. Renewed now and then, not per line: a new timer costs more than a line.
+        renew_every = min(1.0, self.settings.command_timeout_seconds / 2)
+        renewed = self.loop.time()
         while self.transport is not None:
+            if self.loop.time() - renewed >= renew_every:
+                renewed = self.loop.time()
+                self._reset_timeout()
             try:
                 line = await self._reader.readuntil(b"\r\n")
             except asyncio.LimitOverrunError as exc:

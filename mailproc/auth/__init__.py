@@ -144,7 +144,7 @@ class Authenticator:
             return ["date_missing"]
         try:
             sent = parsedate_to_datetime(parsed.date)
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):  # OverflowError: a huge year
             return ["date_unparseable"]
         if sent.tzinfo is None:
             return ["date_without_timezone"]

@@ -119,7 +119,7 @@ def _email_package_addresses(parsed: ParsedMessage, value: str) -> list[str] | N
         return parsed.from_addresses  # read by the email package in parse_message already
     try:
         header = FROM_HEADER_CLASS("From", value)
-    except (HeaderParseError, IndexError, ValueError, TypeError, RecursionError):
+    except (HeaderParseError, IndexError, ValueError, TypeError, AttributeError, RecursionError):
         return None
     return [a.addr_spec for a in getattr(header, "addresses", ())]
 

@@ -33,6 +33,15 @@ def _text(value: bytes | None) -> str | None:
     return value.decode("ascii", errors="replace") if value is not None else None
 
 
+def _number(value: bytes | None) -> int | None:
+    """A numeric tag's value (l=, x=), or None if it is not one. RFC 6376 allows at most 76
+    digits; the signer's text is never handed whole to int(), which refuses very long ones."""
+    text = (value or b"").strip()
+    if not text.isdigit() or len(text) > 76:
+        return None
+    return int(text)
+
+
 def dns_function(resolver: Resolver) -> Any:
     """dkimpy's ``dnsfunc``: the key record text, or b"" when there is none."""
 
@@ -88,11 +97,11 @@ def _judge(
     flags = key_tags.get(b"t", b"").split(b":")
     if b"y" in [flag.strip() for flag in flags]:
         reasons.append("key record is in testing mode (t=y)")
-    expiry = tags.get(b"x")
-    if expiry is not None:
-        if not expiry.strip().isdigit():
+    if b"x" in tags:
+        expiry = _number(tags[b"x"])
+        if expiry is None:
             reasons.append("x= is not a timestamp")
-        elif int(expiry) < now.timestamp():
+        elif expiry < now.timestamp():
             reasons.append("signature expired (x=)")
 
 
@@ -129,7 +138,7 @@ def check_dkim(
             signed_headers=[
                 h.strip().lower() for h in (_text(tags.get(b"h")) or "").split(":") if h.strip()
             ],
-            body_length=int(tags[b"l"]) if tags.get(b"l", b"").strip().isdigit() else None,
+            body_length=_number(tags.get(b"l")),
             signature_hash=hashlib.sha256(re.sub(rb"\s+", b"", tags.get(b"b", b""))).hexdigest()
             if tags.get(b"b")
             else None,
