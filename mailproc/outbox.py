@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.headerregistry import Address
@@ -532,36 +532,54 @@ class OutboxSender:
 
     # relay side ---------------------------------------------------------------------------
 
-    async def deliver(self, delivery: Delivery) -> str:
+    async def deliver(
+        self,
+        delivery: Delivery,
+        accepted: Callable[[str], Awaitable[None]] | None = None,
+    ) -> str:
         """One attempt; returns the relay's reply to the message, or raises Temporary- or
-        PermanentFailure."""
+        PermanentFailure. ``accepted`` is awaited with that reply as soon as the relay has
+        taken the message, before the session is closed: the sooner the mark is written,
+        the smaller the window in which a crash sends the reply again. Once the relay has
+        taken it, a failure to close the session is no longer a failure of the delivery."""
         content = delivery.content
         if self.signer is not None and delivery.template != FORWARD:
             content = await asyncio.to_thread(self.signer.sign, content)
         relay = self.outbound.relay
+        client = aiosmtplib.SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            username=self.outbound.username or None,
+            password=self.outbound.password or None,
+            start_tls=self.outbound.starttls,
+            timeout=self.outbound.timeout_seconds,
+        )
         try:
-            client = aiosmtplib.SMTP(
-                hostname=relay.host,
-                port=relay.port,
-                username=self.outbound.username or None,
-                password=self.outbound.password or None,
-                start_tls=self.outbound.starttls,
-                timeout=self.outbound.timeout_seconds,
-            )
-            async with client:
-                # RFC 3834 section 3.3: automatic responses go out with a null reverse path, so
-                # a failure to deliver one never produces a bounce to answer in turn.
-                errors, reply = await client.sendmail("", [delivery.recipient], content)
+            await client.connect()
+            # RFC 3834 section 3.3: automatic responses go out with a null reverse path, so
+            # a failure to deliver one never produces a bounce to answer in turn.
+            errors, reply = await client.sendmail("", [delivery.recipient], content)
         except aiosmtplib.SMTPRecipientsRefused as exc:
+            client.close()
             refused = exc.recipients[0]
             raise _classified(refused.code, refused.message) from None
         except aiosmtplib.SMTPResponseException as exc:
+            client.close()
             raise _classified(exc.code, exc.message) from None
         except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError) as exc:
+            client.close()
             raise TemporaryFailure(f"relay {relay}: {exc or type(exc).__name__}") from None
-        if errors:  # a recipient refused while others were accepted: we only have one
-            code, message = next(iter(errors.values()))
-            raise _classified(code, message)
+        try:
+            if errors:  # a recipient refused while others were accepted: we only have one
+                code, message = next(iter(errors.values()))
+                raise _classified(code, message)
+            if accepted is not None:
+                await accepted(reply)
+        finally:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, ssl.SSLError, TimeoutError):
+                client.close()
         return reply
 
     async def run_once(self, stop: Callable[[], bool] = lambda: False) -> int:
@@ -579,12 +597,20 @@ class OutboxSender:
                 if stop() or time.monotonic() > start_by:
                     await asyncio.to_thread(self.release, deliveries[index:])
                     break
+                recorded = False
+
+                async def mark_sent(reply: str, delivery: Delivery = delivery) -> None:
+                    nonlocal recorded
+                    await asyncio.to_thread(self.record, delivery, reply)
+                    recorded = True
+
                 outcome: Exception | str
                 try:
-                    outcome = await self.deliver(delivery)
+                    outcome = await self.deliver(delivery, mark_sent)
                 except (TemporaryFailure, PermanentFailure) as exc:
                     outcome = exc
-                await asyncio.to_thread(self.record, delivery, outcome)
+                if not recorded:
+                    await asyncio.to_thread(self.record, delivery, outcome)
                 attempts += 1
         return attempts
 
