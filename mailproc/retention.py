@@ -4,6 +4,7 @@ and audit events, and its size and SHA-256 as received."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,6 +17,9 @@ from mailproc.requests import audit
 
 # Only messages whose processing is over: nothing still to read them.
 FINAL_STATES = (MessageState.PROCESSED, MessageState.FAILED)
+# A batch stops at this many raw bytes, however few messages that is.
+BATCH_BYTES = 16 * 1024 * 1024
+MIN_PAUSE_SECONDS = 0.01
 
 
 def header_block(raw: bytes) -> bytes:
@@ -78,37 +82,62 @@ class Retention:
             return PurgeReport(cutoff, count, int(size), 0, first)
         total = before = after = 0
         oldest: datetime | None = None
+        last_id = 0
         while True:
+            # Found outside the write transaction, in id order from where the last batch
+            # ended: the scan past rows purged earlier never holds the write lock that intake
+            # and the workers need, and no row is looked at twice in one run.
+            with self.db.reading() as session:
+                found = session.execute(
+                    select(Message.id, Message.size)
+                    .where(Message.id > last_id, *self._due(cutoff))
+                    .order_by(Message.id)
+                    .limit(batch)
+                ).all()
+            if not found:
+                break
+            last_id = found[-1].id
+            ids: list[int] = []
+            size = 0
+            for candidate in found:
+                ids.append(candidate.id)
+                size += candidate.size or 0
+                if size >= BATCH_BYTES:  # a few large messages make a batch of their own
+                    last_id = candidate.id
+                    break
+            started = time.monotonic()
             with self.db.writing() as session:
                 rows = session.execute(
                     select(Message.id, Message.raw, Message.received_at)
-                    .where(*self._due(cutoff))
+                    .where(Message.id.in_(ids), *self._due(cutoff))
                     .order_by(Message.id)
-                    .limit(batch)
                     .with_for_update(skip_locked=True)
                 ).all()
-                if not rows:
-                    break
-                for row in rows:
-                    kept = header_block(row.raw)
-                    session.execute(
-                        update(Message)
-                        .where(Message.id == row.id)
-                        .values(raw=kept, raw_purged_at=now, updated_at=now)
+                if rows:
+                    changes = []
+                    for row in rows:
+                        kept = header_block(row.raw)
+                        changes.append(
+                            {"id": row.id, "raw": kept, "raw_purged_at": now, "updated_at": now}
+                        )
+                        before += len(row.raw)
+                        after += len(kept)
+                        if oldest is None or row.received_at < oldest:
+                            oldest = row.received_at
+                    session.execute(update(Message), changes)
+                    total += len(rows)
+                    audit(
+                        session.connection(),
+                        None,
+                        action="raw_messages_purged",
+                        at=now,
+                        reason=(
+                            f"{len(rows)} messages older than {self.days} days: raw bytes "
+                            f"replaced by their headers (ids {rows[0].id}-{rows[-1].id})"
+                        ),
                     )
-                    before += len(row.raw)
-                    after += len(kept)
-                    if oldest is None or row.received_at < oldest:
-                        oldest = row.received_at
-                total += len(rows)
-                audit(
-                    session.connection(),
-                    None,
-                    action="raw_messages_purged",
-                    at=now,
-                    reason=(
-                        f"{len(rows)} messages older than {self.days} days: raw bytes replaced "
-                        f"by their headers (ids {rows[0].id}-{rows[-1].id})"
-                    ),
-                )
+            # Give way: intake and the workers get the write lock for at least as long as
+            # this batch held it, so a large first purge (after retention was turned on, or
+            # an upgrade) does not hold up mail.
+            time.sleep(max(time.monotonic() - started, MIN_PAUSE_SECONDS))
         return PurgeReport(cutoff, total, before, after, oldest)

@@ -7,14 +7,15 @@ import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from mailproc import db
 from mailproc.cli import main
-from mailproc.models import Message, MessageState, utcnow
+from mailproc.models import AuditEvent, Message, MessageState, utcnow
 from mailproc.requests import verify_chain
 from mailproc.retention import Retention, header_block
 from mailproc.services import MessageService
@@ -88,6 +89,36 @@ def test_old_processed_messages_keep_only_their_headers(
     assert later.messages == 1
     assert message(database, young).raw_purged_at is not None
     assert Retention(database, 0).purge().messages == 0  # 0 keeps everything
+
+
+def test_a_large_purge_goes_in_batches_each_message_once(
+    database: db.Database, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches by count and by bytes, each from where the last one ended, with the write lock
+    given up between them: every message due is purged once, one audit event a batch."""
+    ids = [stored(database, database_url, 31, MessageState.PROCESSED) for _ in range(7)]
+    young = stored(database, database_url, 1, MessageState.PROCESSED)
+    size = message(database, ids[0]).size
+    monkeypatch.setattr("mailproc.retention.BATCH_BYTES", size * 2)  # two messages a batch
+    writes: list[int] = []
+    original = database.writing
+
+    def counted() -> Any:
+        writes.append(1)
+        return original()
+
+    monkeypatch.setattr(database, "writing", counted)
+    report = Retention(database, 30).purge(batch=3)
+    assert report.messages == 7
+    assert len(writes) == 4  # 2 + 2 + 2 + 1: each batch its own transaction
+    assert all(message(database, i).raw_purged_at is not None for i in ids)
+    assert message(database, young).raw_purged_at is None
+    with database.reading() as session:
+        events = session.scalars(
+            select(AuditEvent.reason).where(AuditEvent.action == "raw_messages_purged")
+        ).all()
+    assert [e.split(" ", 1)[0] for e in events] == ["2", "2", "2", "1"]
+    assert verify_chain(database).broken_at is None
 
 
 def test_purge_command(database: db.Database, database_url: str, tmp_path: Path) -> None:
