@@ -4,6 +4,7 @@ never deleted (the audit log names them), only disabled, and a disabled agent de
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
 import re
 from dataclasses import dataclass
@@ -28,8 +29,14 @@ PASSWORD_MAX_LENGTH = 1024
 
 # argon2-cffi's defaults are RFC 9106's second recommended option for argon2id (64 MiB, t=3).
 _hasher = PasswordHasher()
-# Verified against when the name is unknown, so that the answer takes as long as for a real one.
-_DUMMY_HASH = _hasher.hash("not a password of anyone's")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the name is unknown, so that the answer takes as long as for a
+    real one. Made at the first sign-in, not at import: hashing takes argon2's 64 MiB, which
+    every process importing this module (the SMTP workers among them) would otherwise keep."""
+    return _hasher.hash("not a password of anyone's")
 
 
 class AgentError(ValueError):
@@ -226,7 +233,7 @@ class AgentService:
         unknown name as for a wrong password; upgrades the hash when its parameters are old."""
         with self.db.reading() as session:
             agent = session.scalars(select(Agent).where(Agent.name == name)).first()
-            stored = agent.password_hash if agent is not None else _DUMMY_HASH
+            stored = agent.password_hash if agent is not None else _dummy_hash()
             if not password_matches(stored, password) or agent is None:
                 return None
             if agent.disabled_at is not None:
@@ -326,7 +333,7 @@ class SignInService:
                 select(Agent).where(Agent.name == name).with_for_update()
             ).first()
             if agent is None:
-                password_matches(_DUMMY_HASH, password)  # as long as for a real name
+                password_matches(_dummy_hash(), password)  # as long as for a real name
                 return SignInResult(SignIn.BAD)
             if self._locked(agent, now):
                 return SignInResult(SignIn.LOCKED, locked_until=agent.locked_until)
