@@ -10,6 +10,7 @@ what was not sent is on record; so is a reply over the per-recipient daily limit
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -17,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.message import Message as EmailHeaders
 from email.parser import BytesHeaderParser
@@ -28,14 +29,14 @@ from typing import Any
 
 import aiosmtplib
 import dkim
-from sqlalchemy import Connection, Update, func, insert, select, text, update
+from sqlalchemy import Connection, Update, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, defer
 
 from mailproc.addresses import normalize_address
 from mailproc.config import ConfigError, Settings
 from mailproc.db import Database
 from mailproc.errors import InvalidState, NotFound
-from mailproc.models import Message, OutboxEntry, OutboxState, utcnow
+from mailproc.models import Base, Message, OutboxEntry, OutboxState, utcnow
 from mailproc.rendering import Templates
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,27 @@ _ROBOTS = re.compile(
 )
 _PRECEDENCE = {"bulk", "junk", "list"}
 _LIST_HEADERS = ("List-Id", "List-Unsubscribe", "List-Post", "List-Help", "List-Owner")
+
+
+_OUTBOX = Base.metadata.tables["outbox"]
+_INSERT_REPLY = insert(_OUTBOX).returning(_OUTBOX.c.id)
+_LOCK_AUDIT_LOG = text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))")
+_LOCK_RECIPIENT = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
+_REPLIES_SINCE = (
+    select(func.count())
+    .select_from(_OUTBOX)
+    .where(
+        _OUTBOX.c.recipient == bindparam("recipient"),
+        _OUTBOX.c.created_at > bindparam("since"),
+        # IN spelled out: a constant list would be expanded anew at every execution.
+        or_(
+            *(
+                _OUTBOX.c.state == state
+                for state in (OutboxState.PENDING, OutboxState.SENDING, OutboxState.SENT)
+            )
+        ),
+    )
+)
 
 
 def why_not_reply(
@@ -202,23 +224,22 @@ class Outbox:
         )
         state = OutboxState.PENDING if reason is None else OutboxState.SUPPRESSED
         outbox_id = session.execute(
-            insert(OutboxEntry)
-            .values(
-                state=state,
-                template=template,
-                locale=rendered.locale,
-                recipient=recipient,
-                subject=rendered.subject,
-                message_id_header=message_id,
-                content=content,
-                source_message_id=source.message_id if source is not None else None,
-                suppressed_reason=reason,
-                attempts=0,
-                next_attempt_at=now if reason is None else None,
-                created_at=now,
-                updated_at=now,
-            )
-            .returning(OutboxEntry.id)
+            _INSERT_REPLY,
+            {
+                "state": state,
+                "template": template,
+                "locale": rendered.locale,
+                "recipient": recipient,
+                "subject": rendered.subject,
+                "message_id_header": message_id,
+                "content": content,
+                "source_message_id": source.message_id if source is not None else None,
+                "suppressed_reason": reason,
+                "attempts": 0,
+                "next_attempt_at": now if reason is None else None,
+                "created_at": now,
+                "updated_at": now,
+            },
         ).scalar_one()
         if reason is None:
             log.info("reply %d (%s) to %s queued", outbox_id, template, recipient)
@@ -272,23 +293,58 @@ class Outbox:
             # audit log's lock first: every transaction that writes a reply also writes audit
             # events, and taking the two in one order everywhere is what keeps two workers
             # from waiting on each other (a deadlock PostgreSQL would break by failing one).
-            session.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                {"key": f"mailproc-reply:{recipient}"},
-            )
+            session.execute(_LOCK_AUDIT_LOG)
+            session.execute(_LOCK_RECIPIENT, {"key": f"mailproc-reply:{recipient}"})
         sent = session.execute(
-            select(func.count())
-            .select_from(OutboxEntry)
-            .where(
-                OutboxEntry.recipient == recipient,
-                OutboxEntry.created_at > now - timedelta(days=1),
-                OutboxEntry.state.in_([OutboxState.PENDING, OutboxState.SENDING, OutboxState.SENT]),
-            )
+            _REPLIES_SINCE, {"recipient": recipient, "since": now - timedelta(days=1)}
         ).scalar_one()
         if sent >= self.daily_limit:
             return f"rate limit: {sent} replies to this address in the last 24 hours"
         return None
+
+
+class _Headers(HeaderRegistry):
+    """The standard header factory, remembering what it made: the header class for each
+    name (the stock one builds a new class on every call), and header objects for values
+    seen recently (a reply's fixed headers: MIME-Version, Content-Type, Auto-Submitted, ...).
+    Header objects are immutable, so a reply composed with these is the same, byte for
+    byte, as one composed with the stock factory."""
+
+    _MAX_VALUES = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._classes: dict[str, type[BaseHeader]] = {}
+        self._values: dict[tuple[str, str], BaseHeader] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        cls = self._classes.get(key)
+        if cls is None:
+            cls = self._classes[key] = super().__getitem__(name)
+        return cls
+
+    def __call__(self, name: str, value: Any) -> BaseHeader:
+        if type(value) is not str:
+            return super().__call__(name, value)
+        key = (name.lower(), value)
+        header = self._values.get(key)
+        if header is None:
+            header = super().__call__(name, value)
+            if len(self._values) >= self._MAX_VALUES:
+                self._values.clear()
+            self._values[key] = header
+        return header
+
+
+_HEADERS = _Headers()
+_SMTP = SMTP.clone(header_factory=_HEADERS)
+_SMTPUTF8 = SMTPUTF8.clone(header_factory=_HEADERS)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_header(name: str, local: str, domain: str) -> BaseHeader:
+    return _HEADERS("From", Address(display_name=name, username=local, domain=domain))
 
 
 def compose(
@@ -306,10 +362,10 @@ def compose(
 ) -> tuple[bytes, str]:
     """A reply as RFC 5322 bytes (CRLF) and its Message-ID without angle brackets."""
     international = not (to.isascii() and from_address.isascii())
-    policy = SMTPUTF8 if international else SMTP
+    policy = _SMTPUTF8 if international else _SMTP
     message = EmailMessage(policy=policy)
     from_local, _, from_domain = from_address.rpartition("@")
-    message["From"] = Address(display_name=from_name, username=from_local, domain=from_domain)
+    message["From"] = _from_header(from_name, from_local, from_domain)
     message["To"] = to
     message["Subject"] = subject
     message["Date"] = format_datetime(now)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 
 from mailproc.accounts import (
     Directory,
@@ -26,12 +26,25 @@ from mailproc.auth import Verdict
 from mailproc.config import Settings
 from mailproc.db import Database
 from mailproc.links import cancel_url, signing_key
-from mailproc.models import OutboxEntry, OutboxState
+from mailproc.models import Base, OutboxState
 from mailproc.outbox import Outbox, Source
 from mailproc.requests import audit, open_or_join, record_sighting, risk_flags
 from mailproc.rules import Decision, Facts, RuleSet
 
 log = logging.getLogger(__name__)
+
+_OUTBOX = Base.metadata.tables["outbox"]
+# Notices of unverified mail written to an owner lately (built once: the worker's hot path).
+_NOTICES_SINCE = (
+    select(func.count())
+    .select_from(_OUTBOX)
+    .where(
+        _OUTBOX.c.recipient == bindparam("recipient"),
+        _OUTBOX.c.template == "unverified_notice",
+        _OUTBOX.c.state != OutboxState.SUPPRESSED,
+        _OUTBOX.c.created_at > bindparam("since"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -243,14 +256,7 @@ class Pipeline:
         if account is None:
             return self._record(evaluation, "ignore", outcome="no registered owner to notify")
         sent = connection.execute(
-            select(func.count())
-            .select_from(OutboxEntry)
-            .where(
-                OutboxEntry.recipient == account.email,
-                OutboxEntry.template == "unverified_notice",
-                OutboxEntry.state != OutboxState.SUPPRESSED,
-                OutboxEntry.created_at > now - timedelta(days=1),
-            )
+            _NOTICES_SINCE, {"recipient": account.email, "since": now - timedelta(days=1)}
         ).scalar_one()
         record = self._record(evaluation, "notify_owner")
         if sent >= self.owner_notices_per_day:

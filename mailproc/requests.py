@@ -11,7 +11,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, func, insert, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    bindparam,
+    event,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.exc import IntegrityError
 
 from mailproc.accounts import Account
@@ -22,12 +34,11 @@ from mailproc.models import (
     Agent,
     ApprovalVote,
     AuditEvent,
-    OutboxEntry,
+    Base,
     RequestMessage,
     RequestState,
     ResetExecution,
     ResetRequest,
-    Sighting,
     utcnow,
 )
 
@@ -82,13 +93,48 @@ def _event_fields(
     }
 
 
+# Statements of the worker's hot path, built once (SQLAlchemy then only looks them up).
+_TABLES = Base.metadata.tables
+_LOCK_AUDIT_LOG = text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))")
+_LAST_HASH = (
+    select(_TABLES["audit_event"].c.hash).order_by(_TABLES["audit_event"].c.id.desc()).limit(1)
+)
+_INSERT_EVENT = insert(_TABLES["audit_event"])
+# The hash of the last event this transaction appended, with the transaction it belongs to:
+# while it holds the append lock nobody else appends, so the next event follows that one.
+_TAIL = "mailproc.audit_tail"
+
+
+def _forget_tail(connection: Connection) -> None:
+    # An invalidated or closed connection's transaction is over anyway, and a tail is only
+    # used within the transaction that wrote it (``audit`` checks).
+    if not connection.closed and not connection.invalidated:
+        connection.info.pop(_TAIL, None)
+
+
+@event.listens_for(Engine, "commit")
+def _on_commit(connection: Connection) -> None:
+    _forget_tail(connection)
+
+
+@event.listens_for(Engine, "rollback")
+def _on_rollback(connection: Connection) -> None:
+    _forget_tail(connection)
+
+
+@event.listens_for(Engine, "rollback_savepoint")
+def _on_rollback_savepoint(connection: Connection, name: str, context: Any) -> None:
+    # The events appended since the savepoint are gone (and on PostgreSQL maybe the lock too).
+    _forget_tail(connection)
+
+
 def lock_audit_log(connection: Connection) -> None:
     """Take the audit log's append lock now (PostgreSQL; held to the end of the transaction).
     A transaction that will lock request or execution rows and then write an audit event
     takes it first: the workers hold it while they lock request rows, so the other order
     could make two transactions wait on each other."""
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))"))
+        connection.execute(_LOCK_AUDIT_LOG)
 
 
 def audit(
@@ -105,14 +151,16 @@ def audit(
     message_id: int | None = None,
 ) -> None:
     """Append one event to the chained audit log, in the caller's transaction."""
-    # One appender at a time, so that every event follows exactly the one before it.
-    lock_audit_log(connection)
-    prev_hash = (
-        connection.execute(
-            select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)
-        ).scalar_one_or_none()
-        or GENESIS
-    )
+    transaction = connection.get_transaction()
+    tail = connection.info.get(_TAIL)
+    if tail is not None and transaction is not None and tail[0] is transaction:
+        # This transaction appended last and still holds the lock: no need to read it back.
+        prev_hash = tail[1]
+    else:
+        # One appender at a time, so that every event follows exactly the one before it.
+        lock_audit_log(connection)
+        prev_hash = connection.execute(_LAST_HASH).scalar_one_or_none() or GENESIS
+        transaction = connection.get_transaction()
     fields = _event_fields(
         request_id,
         at,
@@ -124,21 +172,25 @@ def audit(
         details,
         message_id,
     )
+    event_hash = _event_hash(prev_hash, fields)
     connection.execute(
-        insert(AuditEvent).values(
-            request_id=request_id,
-            at=at,
-            actor=actor,
-            action=action,
-            from_state=fields["from_state"],
-            to_state=fields["to_state"],
-            reason=reason,
-            details=details,
-            message_id=message_id,
-            prev_hash=prev_hash,
-            hash=_event_hash(prev_hash, fields),
-        )
+        _INSERT_EVENT,
+        {
+            "request_id": request_id,
+            "at": at,
+            "actor": actor,
+            "action": action,
+            "from_state": fields["from_state"],
+            "to_state": fields["to_state"],
+            "reason": reason,
+            "details": details,
+            "message_id": message_id,
+            "prev_hash": prev_hash,
+            "hash": event_hash,
+        },
     )
+    if transaction is not None:
+        connection.info[_TAIL] = (transaction, event_hash)
 
 
 @dataclass(frozen=True)
@@ -193,6 +245,51 @@ def verify_chain(database: Database, batch: int = 1000) -> ChainReport:
                 last_id = event.id
 
 
+_REQUESTS = _TABLES["reset_request"]
+_REQUEST_MESSAGES = _TABLES["request_message"]
+_SIGHTINGS = _TABLES["lookalike_sighting"]
+_OUTBOX = _TABLES["outbox"]
+# What risk_flags asks, in one round trip: a lookalike seen lately, the account's requests
+# (ever, and lately), and whether anything was ever written to the address before now.
+_RISK = select(
+    exists()
+    .where(
+        _SIGHTINGS.c.resembles == bindparam("email"),
+        _SIGHTINGS.c.seen_at > bindparam("sighting_since"),
+    )
+    .label("lookalike_seen"),
+    select(func.count())
+    .where(_REQUESTS.c.account_id == bindparam("account_id"))
+    .scalar_subquery()
+    .label("earlier"),
+    select(func.count())
+    .where(
+        _REQUESTS.c.account_id == bindparam("account_id"),
+        _REQUESTS.c.created_at > bindparam("request_since"),
+    )
+    .scalar_subquery()
+    .label("recent"),
+    exists()
+    .where(_OUTBOX.c.recipient == bindparam("email"), _OUTBOX.c.created_at < bindparam("now"))
+    .label("replied_before"),
+)
+_OPEN_REQUEST = (
+    select(_REQUESTS.c.id, _REQUESTS.c.reference, _REQUESTS.c.expires_at)
+    .where(
+        _REQUESTS.c.account_id == bindparam("account_id"),
+        # IN spelled out: a constant list would be expanded anew at every execution.
+        or_(*(_REQUESTS.c.state == state for state in OPEN_REQUEST_STATES)),
+    )
+    .with_for_update()
+)
+_INSERT_REQUEST = insert(_REQUESTS).returning(_REQUESTS.c.id)
+_MESSAGE_JOINED = select(_REQUEST_MESSAGES.c.request_id).where(
+    _REQUEST_MESSAGES.c.message_id == bindparam("message_id")
+)
+_INSERT_REQUEST_MESSAGE = insert(_REQUEST_MESSAGES)
+_INSERT_SIGHTING = insert(_SIGHTINGS)
+
+
 def risk_flags(connection: Connection, account: Account, strength: str, now: datetime) -> list[str]:
     """What an agent should look at twice before approving."""
     flags = []
@@ -200,36 +297,24 @@ def risk_flags(connection: Connection, account: Account, strength: str, now: dat
         flags.append("weak_authentication")
     if account.email_changed_at is not None and now - account.email_changed_at < RISK_WINDOW:
         flags.append("email_changed_recently")
-    if connection.execute(
-        select(func.count())
-        .select_from(Sighting)
-        .where(Sighting.resembles == account.email, Sighting.seen_at > now - RISK_WINDOW)
-    ).scalar_one():
+    seen = connection.execute(
+        _RISK,
+        {
+            "email": account.email,
+            "account_id": account.id,
+            "sighting_since": now - RISK_WINDOW,
+            "request_since": now - RISK_WINDOW,
+            "now": now,
+        },
+    ).one()
+    if seen.lookalike_seen:
         flags.append("lookalike_seen")
-    earlier = connection.execute(
-        select(func.count()).select_from(ResetRequest).where(ResetRequest.account_id == account.id)
-    ).scalar_one()
-    recent = connection.execute(
-        select(func.count())
-        .select_from(ResetRequest)
-        .where(ResetRequest.account_id == account.id, ResetRequest.created_at > now - RISK_WINDOW)
-    ).scalar_one()
-    if not earlier and not _replied_before(connection, account.email, now):
+    # Replied before: anything but this moment's replies was written to the address.
+    if not seen.earlier and not seen.replied_before:
         flags.append("first_contact")
-    if recent >= 2:
+    if seen.recent >= 2:
         flags.append("repeated_requests")
     return flags
-
-
-def _replied_before(connection: Connection, address: str, now: datetime) -> bool:
-    """Whether we have written to this address before (anything but this moment's replies)."""
-    return bool(
-        connection.execute(
-            select(func.count())
-            .select_from(OutboxEntry)
-            .where(OutboxEntry.recipient == address, OutboxEntry.created_at < now)
-        ).scalar_one()
-    )
 
 
 def open_or_join(
@@ -264,24 +349,23 @@ def open_or_join(
         try:
             with connection.begin_nested():
                 request_id = connection.execute(
-                    insert(ResetRequest)
-                    .values(
-                        reference=reference,
-                        state=RequestState.PENDING,
-                        account_id=account.id,
-                        email=account.email,
-                        account_name=account.name,
-                        locale=account.locale,
-                        message_id=message_id,
-                        auth_strength=strength,
-                        verdict=verdict,
-                        decision=decision,
-                        risk_flags=flags,
-                        created_at=now,
-                        updated_at=now,
-                        expires_at=now + expire_after,
-                    )
-                    .returning(ResetRequest.id)
+                    _INSERT_REQUEST,
+                    {
+                        "reference": reference,
+                        "state": RequestState.PENDING,
+                        "account_id": account.id,
+                        "email": account.email,
+                        "account_name": account.name,
+                        "locale": account.locale,
+                        "message_id": message_id,
+                        "auth_strength": strength,
+                        "verdict": verdict,
+                        "decision": decision,
+                        "risk_flags": flags,
+                        "created_at": now,
+                        "updated_at": now,
+                        "expires_at": now + expire_after,
+                    },
                 ).scalar_one()
         except IntegrityError:
             continue  # another worker opened one meanwhile (or the reference was taken): join
@@ -301,26 +385,16 @@ def open_or_join(
 
 
 def _open_request(connection: Connection, account_id: str) -> tuple[int, str, datetime] | None:
-    row = connection.execute(
-        select(ResetRequest.id, ResetRequest.reference, ResetRequest.expires_at)
-        .where(
-            ResetRequest.account_id == account_id,
-            ResetRequest.state.in_(OPEN_REQUEST_STATES),
-        )
-        .with_for_update()
-    ).one_or_none()
+    row = connection.execute(_OPEN_REQUEST, {"account_id": account_id}).one_or_none()
     return (row.id, row.reference, row.expires_at) if row is not None else None
 
 
 def _add_message(connection: Connection, request_id: int, message_id: int, now: datetime) -> None:
-    exists = connection.execute(
-        select(RequestMessage.request_id).where(RequestMessage.message_id == message_id)
-    ).one_or_none()
-    if exists is None:
+    joined = connection.execute(_MESSAGE_JOINED, {"message_id": message_id}).one_or_none()
+    if joined is None:
         connection.execute(
-            insert(RequestMessage).values(
-                message_id=message_id, request_id=request_id, joined_at=now
-            )
+            _INSERT_REQUEST_MESSAGE,
+            {"message_id": message_id, "request_id": request_id, "joined_at": now},
         )
 
 
@@ -328,9 +402,8 @@ def record_sighting(
     connection: Connection, *, address: str, resembles: str, message_id: int, now: datetime
 ) -> None:
     connection.execute(
-        insert(Sighting).values(
-            address=address, resembles=resembles, message_id=message_id, seen_at=now
-        )
+        _INSERT_SIGHTING,
+        {"address": address, "resembles": resembles, "message_id": message_id, "seen_at": now},
     )
 
 
