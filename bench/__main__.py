@@ -73,7 +73,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "target": f"intake >= {scenario['target_ratio']:.0%} of the bare sink "
                     f"({scenario['scenario']})",
-                    "measured": f"{scenario['ratio']:.2f} ({scenario['mailproc_msgs_per_s']} "
+                    "measured": f"{scenario['ratio']:.3f} ({scenario['mailproc_msgs_per_s']} "
                     f"vs {scenario['sink_msgs_per_s']} msg/s)",
                     "met": bool(scenario["target_met"]),
                 }
@@ -135,6 +135,8 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         seen = e2e["stream"]["latency_250_to_decision_visible"]
         latency.append(("250 -> decision", [seen["p50_ms"], seen["p95_ms"], seen["p99_ms"]]))
     for row in (end.get("scaling") or {}).get("rows", []):
+        if not row["stored"]:
+            continue  # the stream above, again
         latency.append((f"{row['stored']:,} stored", [row["p50_ms"], row["p95_ms"], row["p99_ms"]]))
     console = results.get("console") or {}
     for page, figures in (console.get("one_agent") or {}).items():
@@ -161,7 +163,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     )
     for position, (_, base, ours) in zip(positions, bars, strict=True):
         left.annotate(
-            f"{ours / base:.2f}" if base else "",
+            f"{ours / base:.3f}" if base else "",
             (position + width / 2, ours),
             ha="center",
             va="bottom",
