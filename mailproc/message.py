@@ -4,7 +4,7 @@ recorded by name. Nothing here repairs the message: a defect is data, not an exc
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from email import policy
 from email.errors import HeaderParseError, MessageError
 from email.header import decode_header, make_header
@@ -72,10 +72,13 @@ class ParsedMessage:
 
     def summary(self) -> dict[str, Any]:
         """What is stored with the message: the fields, not the whole header list again."""
-        data = asdict(self)
+        # Field by field: asdict() would deep-copy every header only for them to be dropped.
+        data = {
+            f.name: list(value) if isinstance(value := getattr(self, f.name), list) else value
+            for f in fields(self)
+            if f.name not in ("headers", "from_parsed")
+        }
         data["header_count"] = len(self.headers)
-        del data["headers"]
-        del data["from_parsed"]
         return data
 
 
