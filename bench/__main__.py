@@ -29,8 +29,9 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from bench.intake import exit_on_signal
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -199,10 +200,6 @@ def chart(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a short smoke run of every part")
@@ -212,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS), help="combined JSON results")
     parser.add_argument("--chart", default=str(CHART), help="PNG chart")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, exit_on_signal)
 
     started = time.monotonic()
     results: dict[str, Any] = {}

@@ -1234,7 +1234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
+def exit_on_signal(signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM handler of every benchmark: unwind, so servers are stopped and files removed."""
     raise SystemExit(128 + signum)
 
 
@@ -1264,7 +1265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sink:
         asyncio.run(_serve_sink())
         return 0
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     return 0 if _run(args)["valid"] else 1
 
 

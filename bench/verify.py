@@ -20,7 +20,7 @@ from typing import Any
 
 import dkim
 
-from mailproc.auth import Authenticator, Envelope
+from mailproc.auth import Authenticator, Envelope, Verdict
 from mailproc.auth.arc_check import check_arc
 from mailproc.auth.author import identify_author
 from mailproc.auth.dkim_check import check_dkim
@@ -126,7 +126,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         )
         envelope = Envelope("192.0.2.25", "alice@example.org", "mail.example.org")
 
-        def full(raw: bytes) -> object:
+        def full(raw: bytes) -> Verdict:
             return authenticator.evaluate(raw, envelope, datetime.now(UTC))
 
         def bare(raw: bytes) -> object:

@@ -38,6 +38,7 @@ from mailproc.db import Database
 from mailproc.errors import InvalidState, NotFound
 from mailproc.models import Base, Message, OutboxEntry, OutboxState, utcnow
 from mailproc.rendering import Templates
+from mailproc.requests import lock_audit_log
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ _LIST_HEADERS = ("List-Id", "List-Unsubscribe", "List-Post", "List-Help", "List-
 
 _OUTBOX = Base.metadata.tables["outbox"]
 _INSERT_REPLY = insert(_OUTBOX).returning(_OUTBOX.c.id)
-_LOCK_AUDIT_LOG = text("SELECT pg_advisory_xact_lock(hashtext('mailproc-audit'))")
 _LOCK_RECIPIENT = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
 _REPLIES_SINCE = (
     select(func.count())
@@ -287,14 +287,14 @@ class Outbox:
     def _over_limit(
         self, session: Session | Connection, recipient: str, now: datetime
     ) -> str | None:
-        bind = session.get_bind() if isinstance(session, Session) else session
-        if bind.dialect.name == "postgresql":
+        connection = session.connection() if isinstance(session, Session) else session
+        if connection.dialect.name == "postgresql":
             # Serialise replies to one address across instances, so the count below holds. The
             # audit log's lock first: every transaction that writes a reply also writes audit
             # events, and taking the two in one order everywhere is what keeps two workers
             # from waiting on each other (a deadlock PostgreSQL would break by failing one).
-            session.execute(_LOCK_AUDIT_LOG)
-            session.execute(_LOCK_RECIPIENT, {"key": f"mailproc-reply:{recipient}"})
+            lock_audit_log(connection)
+            connection.execute(_LOCK_RECIPIENT, {"key": f"mailproc-reply:{recipient}"})
         sent = session.execute(
             _REPLIES_SINCE, {"recipient": recipient, "since": now - timedelta(days=1)}
         ).scalar_one()

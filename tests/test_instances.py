@@ -56,15 +56,17 @@ class Mail:
     template: str
 
 
-def mails(key: DkimKey, bob_key: DkimKey) -> list[Mail]:
-    """Signed mail in which every message gets exactly one reply, each to another address (so
-    the per-recipient daily limit never suppresses one): Alice's reset request (an
+def mails(
+    key: DkimKey, bob_key: DkimKey, count: int = MESSAGES, tag: str = "instances"
+) -> list[Mail]:
+    """``count`` signed messages, each of which gets exactly one reply, each to another address
+    (so the per-recipient daily limit never suppresses one): Alice's reset request (an
     acknowledgement), a password question from Bob, who is registered too (help), and from
     authenticated strangers password questions (help) and reset requests (use the registered
-    address)."""
+    address). ``tag`` keeps the Message-IDs and strangers of one test apart."""
     result = []
-    for index in range(MESSAGES):
-        message_id = f"<instances-{index:02d}-{os.urandom(6).hex()}@example.org>"
+    for index in range(count):
+        message_id = f"<{tag}-{index:03d}-{os.urandom(6).hex()}@example.org>"
         signing = key
         if index == 0:
             sender, template, subject = ALICE, "request_received", "Reset my security question"
@@ -72,10 +74,10 @@ def mails(key: DkimKey, bob_key: DkimKey) -> list[Mail]:
             sender, template, subject = BOB, "password_help", "I forgot my password"
             signing = bob_key
         elif index % 2:
-            sender = f"stranger{index:02d}@example.org"
+            sender = f"{tag}-stranger{index:03d}@example.org"
             template, subject = "password_help", "I forgot my password"
         else:
-            sender = f"stranger{index:02d}@example.org"
+            sender = f"{tag}-stranger{index:03d}@example.org"
             template, subject = "use_registered_address", "Reset my security question"
         body = "I forgot my password.\n" if template == "password_help" else "Please reset it.\n"
         raw = signed(signing, sender, subject=subject, message_id=message_id, body=body)
@@ -105,9 +107,9 @@ def bob_key(zone: ZoneServer) -> DkimKey:
     return signing
 
 
-def send_once(port: int, mail: Mail) -> int:
+def send_once(port: int, mail: Mail, timeout: float = 10) -> int:
     """One SMTP session; the stored id from our 250, or an exception if there was none."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
         client.ehlo("client.example.org")
         client.mail(mail.sender)
         code, reply = client.rcpt(SUPPORT)

@@ -5,7 +5,6 @@ once, and the audit chain stays whole."""
 
 from __future__ import annotations
 
-import os
 import signal
 import smtplib
 import threading
@@ -26,17 +25,18 @@ from tests import test_instances, test_pipeline
 from tests.conftest import free_port
 from tests.dkimkeys import DkimKey
 from tests.reliability.counts import Counts
-from tests.support import SUPPORT, ServerProcess, stored_id, wait_for, write_config
+from tests.support import ServerProcess, wait_for, write_config
 from tests.test_instances import (
-    BOB,
     Mail,
     header_message_id,
     in_reply_to,
     kill_instance,
+    send_once,
     worker_ids,
 )
+from tests.test_instances import mails as reply_mails
 from tests.test_outbox import Relay
-from tests.test_pipeline import ALICE, sections, signed
+from tests.test_pipeline import sections
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -54,46 +54,6 @@ KILLS = 3
 WORKERS = 2
 # A sender that did not get a 250 tries again until then, as an MTA keeps a message queued.
 SEND_DEADLINE_SECONDS = 60.0
-
-
-def reply_mails(key: DkimKey, bob_key: DkimKey, count: int, tag: str) -> list[Mail]:
-    """``count`` signed messages, each of which gets exactly one reply, each to its own address
-    (so the per-recipient limit never suppresses one): Alice's reset request (acknowledged),
-    Bob's password question (help), and authenticated strangers' password questions (help)
-    and reset requests (told to write from the registered address)."""
-    result = []
-    for index in range(count):
-        message_id = f"<{tag}-{index:03d}-{os.urandom(6).hex()}@example.org>"
-        signing = key
-        if index == 0:
-            sender, template, subject = ALICE, "request_received", "Reset my security question"
-        elif index == 1:
-            sender, template, subject = BOB, "password_help", "I forgot my password"
-            signing = bob_key
-        elif index % 2:
-            sender = f"{tag}-stranger{index:03d}@example.org"
-            template, subject = "password_help", "I forgot my password"
-        else:
-            sender = f"{tag}-stranger{index:03d}@example.org"
-            template, subject = "use_registered_address", "Reset my security question"
-        body = "I forgot my password.\n" if template == "password_help" else "Please reset it.\n"
-        raw = signed(signing, sender, subject=subject, message_id=message_id, body=body)
-        result.append(Mail(message_id, sender, raw, template))
-    return result
-
-
-def send_once(port: int, mail: Mail, timeout: float = 10) -> int:
-    """One SMTP session; the stored id from our 250, or an exception if there was none."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=timeout) as client:
-        client.ehlo("client.example.org")
-        client.mail(mail.sender)
-        code, reply = client.rcpt(SUPPORT)
-        if code != 250:
-            raise smtplib.SMTPResponseException(code, reply)
-        code, reply = client.data(mail.raw)
-        if code != 250:
-            raise smtplib.SMTPResponseException(code, reply)
-        return stored_id(reply.decode())
 
 
 @dataclass(frozen=True)

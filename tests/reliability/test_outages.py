@@ -44,12 +44,12 @@ from tests.reliability.test_crash import (
     Outcome,
     fast_sections,
     outcome,
-    reply_mails,
     settled,
     tally,
 )
 from tests.support import AppThread, wait_for
 from tests.test_instances import Mail, header_message_id
+from tests.test_instances import mails as reply_mails
 from tests.test_outbox import Relay
 from tests.test_pipeline import ALICE
 from tests.test_reset_flow import SECRET
